@@ -1,0 +1,24 @@
+"""Schema of the `logging` group."""
+
+from dataclasses import dataclass
+from typing import Literal
+
+from configs.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """The metrics line and experiment tracking."""
+
+    every: int = 10
+    """Print the metrics line (and sync to the host) every N steps; the last step always logs."""
+    wandb: bool = True
+    """Log metrics to Weights & Biases (rank 0)."""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """offline never touches the network; runs can be synced later with `wandb sync`."""
+    wandb_project: str = "memplan"
+    """wandb project name."""
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ConfigError("logging.every", f"must be >= 1, got {self.every}")

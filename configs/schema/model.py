@@ -1,0 +1,83 @@
+"""Schema of the `model` group: a Llama-family decoder-only transformer."""
+
+from dataclasses import dataclass
+from typing import Literal
+
+from configs.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Dimensions of a Llama/Mistral/Qwen2-family decoder. Presets live in configs/model/."""
+
+    name: str = "custom"
+    """Preset or model name; shown in plans and logs."""
+    hf_config: str | None = None
+    """Path to a Hugging Face config.json; its dimensions replace the preset's (explicit
+    model.* overrides on the command line still win)."""
+    vocab_size: int = 256
+    """Number of token ids."""
+    hidden_size: int = 128
+    """Model width (d_model)."""
+    num_layers: int = 4
+    """Number of decoder layers."""
+    num_heads: int = 4
+    """Query heads."""
+    num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention); must divide num_heads."""
+    ffn_size: int = 352
+    """SwiGLU inner width."""
+    head_dim: int | None = None
+    """Per-head width; None means hidden_size // num_heads."""
+    max_seq_len: int = 4096
+    """Longest sequence the preset was trained for (informational; longer runs are allowed)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    rope_scaling: Literal["none", "llama3"] = "none"
+    """RoPE frequency scaling rule ("llama3": Llama-3.1/3.2 long-context scaling)."""
+    rope_scaling_factor: float = 1.0
+    """llama3 scaling: overall factor."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 scaling: low-frequency factor."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 scaling: high-frequency factor."""
+    rope_original_max_positions: int = 8192
+    """llama3 scaling: context length before scaling."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output projection."""
+    qkv_bias: bool = False
+    """Bias on the q/k/v projections (Qwen2; Llama with attention_bias)."""
+    out_bias: bool = False
+    """Bias on the attention output projection (Llama with attention_bias)."""
+    init_std: float = 0.02
+    """Standard deviation of the normal weight initialisation."""
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                    "ffn_size", "max_seq_len"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.{key}", f"must be >= 1, got {getattr(self, key)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                "model.num_kv_heads",
+                f"num_heads={self.num_heads} must be divisible by num_kv_heads={self.num_kv_heads}",
+            )
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ConfigError(
+                "model.num_heads",
+                f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
+                " (or set model.head_dim)",
+            )
+        if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
+            raise ConfigError("model.head_dim", f"must be an even number >= 2, got {self.head_dim}")
+        if self.resolved_head_dim % 2:
+            raise ConfigError(
+                "model.num_heads", f"head_dim={self.resolved_head_dim} must be even for RoPE"
+            )
+
+    @property
+    def resolved_head_dim(self) -> int:
+        """Per-head width after applying the hidden_size // num_heads default."""
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads

@@ -1,0 +1,1 @@
+"""The training runtime: model, data, loss, optimizer, trainer, metrics, checkpoints."""

@@ -1,0 +1,72 @@
+"""Chunked cross-entropy: the full [tokens x vocab] logits are never materialised or saved.
+
+Forward walks the tokens in chunks, keeping only each token's log-sum-exp; backward recomputes
+one chunk of logits at a time (the Cut Cross-Entropy idea). Saved for backward: the hidden
+states (already alive as the final norm's output), the targets and one fp32 per token.
+Working set: one chunk of [chunk_tokens x vocab] fp32 logits.
+"""
+
+import torch
+from torch import Tensor
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_tokens: int
+    ) -> Tensor:
+        tokens = hidden.shape[0]
+        w = weight.to(hidden.dtype)
+        lse = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, tokens, chunk_tokens):
+            stop = min(start + chunk_tokens, tokens)
+            logits = (hidden[start:stop] @ w.t()).float()
+            chunk_lse = torch.logsumexp(logits, dim=-1)
+            target_logit = logits.gather(1, targets[start:stop, None]).squeeze(1)
+            total += (chunk_lse - target_logit).sum()
+            lse[start:stop] = chunk_lse
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk_tokens = chunk_tokens
+        return total / tokens
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        hidden, weight, targets, lse = ctx.saved_tensors
+        tokens = hidden.shape[0]
+        w = weight.to(hidden.dtype)
+        scale = grad_loss.float() / tokens
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            if ctx.needs_input_grad[1]
+            else None
+        )
+        for start in range(0, tokens, ctx.chunk_tokens):
+            stop = min(start + ctx.chunk_tokens, tokens)
+            h = hidden[start:stop]
+            # d loss / d logits = softmax(logits) - onehot(target), times 1/tokens
+            probs = torch.exp((h @ w.t()).float() - lse[start:stop, None])
+            probs[torch.arange(stop - start, device=h.device), targets[start:stop]] -= 1.0
+            grad_logits = (probs * scale).to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:stop] = grad_logits @ w
+            if grad_weight is not None:
+                grad_weight += (grad_logits.t() @ h).float()
+        return (
+            grad_hidden,
+            grad_weight.to(weight.dtype) if grad_weight is not None else None,
+            None,
+            None,
+        )
+
+
+def chunked_cross_entropy(
+    hidden: Tensor, weight: Tensor, targets: Tensor, chunk_tokens: int = 4096
+) -> Tensor:
+    """Mean cross-entropy of logits = hidden @ weight.T against targets.
+
+    hidden [..., H], weight [V, H], targets [...] (int64) with matching leading shape.
+    """
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    return _ChunkedCrossEntropy.apply(flat_hidden, weight, targets.reshape(-1), chunk_tokens)

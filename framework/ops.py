@@ -1,0 +1,77 @@
+"""Autograd functions with a fixed, documented set of saved tensors.
+
+The planner predicts activation memory from exactly these saved-tensor inventories, on any
+device and torch version, so the pieces whose built-in versions save more (or differently on
+CPU and GPU) are written here:
+
+- rms_norm saves (x, rstd): the input and one fp32 value per token. torch's composite saves
+  five tensors on CPU.
+- swiglu saves (a, b): silu(a) is recomputed in backward instead of stored.
+- apply_rope saves only the shared cos/sin tables (computed once per forward).
+"""
+
+import torch
+from torch import Tensor
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, rstd, weight)
+        return (xf * rstd * weight.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, rstd, weight = ctx.saved_tensors
+        xhat = x.float() * rstd
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad_out.float() * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            g = grad_out.float() * weight.float()
+            grad_x = (rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
+        return grad_x, grad_w, None
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """y = x / sqrt(mean(x^2) + eps) * weight, normalised in fp32, returned in x's dtype."""
+    return _RMSNorm.apply(x, weight, eps)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        ctx.save_for_backward(a, b)
+        return torch.nn.functional.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = ctx.saved_tensors
+        sig = torch.sigmoid(a)
+        silu = a * sig
+        grad_b = grad_out * silu
+        grad_a = grad_out * b * (sig * (1 + a * (1 - sig)))
+        return grad_a, grad_b
+
+
+def swiglu(a: Tensor, b: Tensor) -> Tensor:
+    """silu(a) * b, saving only a and b for backward."""
+    return _SwiGLU.apply(a, b)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary position embedding on x [batch, seq, heads, head_dim] with cos/sin [seq, head_dim].
+
+    Backward needs only cos/sin (shared by every layer), not x.
+    """
+    cos = cos[None, :, None, :]
+    sin = sin[None, :, None, :]
+    return x * cos + _rotate_half(x) * sin

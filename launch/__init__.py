@@ -1,0 +1,1 @@
+"""The memplan command line: Hydra composition, torchrun launch, cluster job scripts."""

@@ -1,0 +1,128 @@
+"""Compose and validate the config ONCE, in the launcher (the only place Hydra runs).
+
+Every failure becomes a ConfigError with one line naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from configs import CONFIG_DIR
+from configs.errors import ConfigError
+from configs.hf import read_hf_config
+from configs.schema import Config
+from configs.structured import omegaconf_twin, to_typed
+
+SCHEMA_NAME = "memplan_schema"
+ConfigStore.instance().store(name=SCHEMA_NAME, node=omegaconf_twin(Config))
+
+
+def _known_keys(dotted: str) -> list[str]:
+    """Field names of the schema node that holds `dotted` (e.g. 'train.foo' -> TrainConfig)."""
+    cls: Any = Config
+    for part in dotted.split(".")[:-1]:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields or not dataclasses.is_dataclass(fields[part].default_factory):
+            return []
+        cls = fields[part].default_factory
+    return sorted(f.name for f in dataclasses.fields(cls))
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "invalid value"
+
+
+def translate_hydra_error(exc: BaseException, overrides: Sequence[str]) -> ConfigError:
+    """Turn a Hydra/OmegaConf composition failure into a one-line ConfigError."""
+    if isinstance(exc, MissingConfigException):
+        found = re.search(r"Could not find '([^'/]+)/([^']+)'", str(exc))
+        options = re.findall(r"^\t(\S+)$", str(exc), flags=re.M)
+        if found:
+            group, name = found.groups()
+            return ConfigError(
+                f"{group}={name}", f"unknown preset; available: {', '.join(sorted(options))}"
+            )
+        return ConfigError("config", _first_line(str(exc)))
+    chain: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for err in chain:
+        key = getattr(err, "full_key", None)
+        if isinstance(err, OmegaConfBaseException) and key:
+            message = _first_line(getattr(err, "msg", None) or str(err))
+            if "not in" in message and "Key" in message:
+                known = _known_keys(key)
+                hint = f"; known keys here: {', '.join(known)}" if known else ""
+                return ConfigError(key, f"unknown key{hint}")
+            return ConfigError(key, message)
+    if "Error parsing override" in str(exc):
+        bad = re.search(r"Error parsing override '([^']*)'", str(exc))
+        return ConfigError(
+            bad.group(1) if bad else "override", "cannot parse; write overrides as key=value"
+        )
+    return ConfigError("config", _first_line(str(exc)))
+
+
+def _explicit_model_keys(overrides: Sequence[str]) -> set[str]:
+    keys = set()
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("model."):
+            keys.add(key.removeprefix("model."))
+    return keys
+
+
+def compose_raw(overrides: Sequence[str]) -> dict[str, Any]:
+    """The composed config as a plain dict (defaults + presets + overrides), not yet typed."""
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            composed: DictConfig = compose("config", overrides=list(overrides))
+            raw = OmegaConf.to_container(composed, resolve=True)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise translate_hydra_error(exc, overrides) from exc
+    assert isinstance(raw, dict)
+    raw.pop("hydra", None)
+    return raw
+
+
+def compose_config(overrides: Sequence[str]) -> Config:
+    """Compose configs/ with Hydra overrides and return the validated, typed Config.
+
+    `model.hf_config=PATH` replaces the preset's dimensions with those in the JSON file;
+    model.* keys given explicitly on the command line still win (e.g. fewer layers).
+    """
+    raw = compose_raw(overrides)
+    hf_path = raw["model"].get("hf_config")
+    if hf_path:
+        explicit = _explicit_model_keys(overrides)
+        for key, value in read_hf_config(hf_path).items():
+            if key not in explicit:
+                raw["model"][key] = value
+    return to_typed(raw, Config)
+
+
+def load_resolved(path: str) -> Config:
+    """Load a resolved.yaml written by the launcher (workers use this; they never run Hydra)."""
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except OSError as exc:
+        raise ConfigError("resolved config", f"cannot read {path}: {exc.strerror}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError("resolved config", f"{path} does not hold a mapping")
+    return to_typed(raw, Config)
+
+
+def dump_resolved(config: Config) -> str:
+    """The typed config as YAML (written next to the run as resolved.yaml)."""
+    return OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(config)))

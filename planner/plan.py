@@ -1,0 +1,244 @@
+"""The plan: what the planner decides and the runtime executes (plan JSON, schema_version 1).
+
+Frozen dataclasses, written and read as JSON. The fields DESIGN.md lists are a contract that
+users and scripts rely on; fields may be added, never renamed or removed.
+
+Per-layer activation policy (see offload/): the layer's saved activations split into
+- anchors: the layer input and the attention core's saved tensors (q, k, v, output,
+  log-sum-exp). Token-wise recomputation regenerates everything else from them, so they are
+  never recomputed token-wise; the first `anchor_offload_fraction` of their tokens live on
+  the host (MEMO swaps them all: 1.0).
+- token-local activations (norms, projections' inputs, SwiGLU): the first `offload_fraction`
+  of tokens go to host memory, the next `recompute_fraction` are dropped and recomputed in
+  backward, the rest stay on the device.
+`recompute` = "selective" additionally recomputes the cheap memory-heavy ops (norm outputs,
+SwiGLU product) for every token; "full" checkpoints the whole layer, keeping only its input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from configs.errors import ConfigError
+from configs.structured import to_typed
+
+SCHEMA_VERSION = 1
+
+Recompute = Literal["none", "selective", "full"]
+PipelineSchedule = Literal[
+    "none", "gpipe", "1f1b", "interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble"
+]
+ZeroBackend = Literal["fsdp2", "deepspeed"]
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """The model the plan was made for (checked against the runtime's model)."""
+
+    name: str
+    num_params: int
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    ffn_size: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    """Batch shape the plan was made for."""
+
+    seq_len: int
+    global_batch_size: int
+    micro_batch_size: int
+    dtype: Literal["bf16", "fp32"]
+
+
+@dataclass(frozen=True)
+class ClusterSummary:
+    """Hardware the plan was made for."""
+
+    name: str
+    num_nodes: int
+    gpus_per_node: int
+    gpu_memory_gib: float
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the model and batch are laid out over ranks: world = dp * tp * pp * sp."""
+
+    dp: int
+    tp: int
+    pp: int
+    sp: int
+    zero_stage: int
+    micro_batch_size: int
+    num_microbatches: int
+    pp_schedule: PipelineSchedule
+    zero_backend: ZeroBackend
+    virtual_stages: int = 1
+    """Pipeline stages per pp rank (> 1 only for interleaved and ZBV schedules)."""
+
+    def __post_init__(self) -> None:
+        for key in ("dp", "tp", "pp", "sp", "micro_batch_size", "num_microbatches",
+                    "virtual_stages"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"layout.{key}", f"must be >= 1, got {getattr(self, key)}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError("layout.zero_stage", f"got {self.zero_stage}; allowed: 0, 1, 2, 3")
+        if (self.pp == 1) != (self.pp_schedule == "none"):
+            raise ConfigError(
+                "layout.pp_schedule", f"{self.pp_schedule!r} does not fit pp={self.pp}"
+            )
+
+    @property
+    def world_size(self) -> int:
+        """Ranks this layout needs."""
+        return self.dp * self.tp * self.pp * self.sp
+
+    @property
+    def num_stages(self) -> int:
+        """Pipeline stages in total (pp ranks x virtual stages per rank)."""
+        return self.pp * self.virtual_stages
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Activation policy of one decoder layer (see the module docstring)."""
+
+    index: int
+    stage: int
+    offload_fraction: float
+    recompute: Recompute
+    recompute_fraction: float
+    anchor_offload_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in ("offload_fraction", "recompute_fraction", "anchor_offload_fraction"):
+            value = getattr(self, key)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"layers[{self.index}].{key}", f"must be in [0, 1], got {value}")
+        if self.offload_fraction + self.recompute_fraction > 1.0 + 1e-9:
+            raise ConfigError(
+                f"layers[{self.index}]",
+                f"offload_fraction + recompute_fraction = "
+                f"{self.offload_fraction + self.recompute_fraction:.4f} exceeds 1",
+            )
+        if self.recompute == "full" and (self.offload_fraction or self.recompute_fraction):
+            raise ConfigError(
+                f"layers[{self.index}]",
+                "recompute=full keeps only the layer input: offload_fraction and "
+                "recompute_fraction must be 0 (use anchor_offload_fraction for the input)",
+            )
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Predicted bytes per GPU on the most loaded pipeline stage."""
+
+    gpu_budget_bytes: int
+    gpu_peak_bytes: int
+    params_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    other_bytes: int
+    host_bytes_per_node: int
+
+
+@dataclass(frozen=True)
+class TimeEstimate:
+    """Predicted step time and throughput (MFU against cluster.peak_tflops)."""
+
+    step_seconds: float
+    tokens_per_second: float
+    mfu: float
+
+
+@dataclass(frozen=True)
+class SolverInfo:
+    """How the plan was found."""
+
+    name: str
+    status: str
+    solve_seconds: float
+    candidates_evaluated: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A complete memory and layout plan (plan JSON schema_version 1)."""
+
+    model: ModelSummary
+    train: TrainSummary
+    layout: Layout
+    layers: tuple[LayerPlan, ...]
+    memory: MemoryBreakdown
+    time: TimeEstimate
+    solver: SolverInfo
+    cluster: ClusterSummary | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.schema_version != SCHEMA_VERSION:
+            raise ConfigError(
+                "schema_version", f"got {self.schema_version}; this memplan reads {SCHEMA_VERSION}"
+            )
+        if len(self.layers) != self.model.num_layers:
+            raise ConfigError(
+                "layers",
+                f"{len(self.layers)} entries for a model with {self.model.num_layers} layers",
+            )
+        for position, layer in enumerate(self.layers):
+            if layer.index != position:
+                raise ConfigError("layers", f"entry {position} has index {layer.index}")
+            if not 0 <= layer.stage < self.layout.num_stages:
+                raise ConfigError(
+                    f"layers[{position}].stage",
+                    f"{layer.stage} outside 0..{self.layout.num_stages - 1}",
+                )
+        stages = [layer.stage for layer in self.layers]
+        if stages != sorted(stages):
+            raise ConfigError("layers", "stages must be assigned to contiguous runs of layers")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as plain JSON-able data, schema_version first."""
+        data = dataclasses.asdict(self)
+        return {"schema_version": data.pop("schema_version"), **data}
+
+    def to_json(self) -> str:
+        """Indented JSON text."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def write(self, path: str | Path) -> None:
+        """Write the plan JSON (parent directories are created)."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(self.to_json())
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> Plan:
+        """Validate and build a Plan from parsed JSON."""
+        return to_typed(data, Plan)
+
+    @staticmethod
+    def read(path: str | Path) -> Plan:
+        """Read a plan JSON; any problem is a ConfigError naming plan.path."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError("plan.path", f"cannot read {path}: {exc.strerror}") from exc
+        except json.JSONDecodeError as exc:
+            raise ConfigError("plan.path", f"{path} is not valid JSON ({exc.msg})") from exc
+        if not isinstance(data, dict):
+            raise ConfigError("plan.path", f"{path} does not hold a JSON object")
+        try:
+            return Plan.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError("plan.path", f"{path}: {exc}") from exc
