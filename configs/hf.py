@@ -68,8 +68,6 @@ def read_hf_config(path: str) -> dict[str, Any]:
             rope_scaling_factor=float(scaling["factor"]),
             rope_low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
             rope_high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
-            rope_original_max_positions=int(
-                scaling.get("original_max_position_embeddings", 8192)
-            ),
+            rope_original_max_positions=int(scaling.get("original_max_position_embeddings", 8192)),
         )
     return values

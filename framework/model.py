@@ -198,8 +198,9 @@ def _copy_into(param: Tensor, full: Tensor) -> None:
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     if isinstance(param, DTensor):
-        shard = distribute_tensor(full.to(param.device_mesh.device_type), param.device_mesh,
-                                  param.placements)
+        shard = distribute_tensor(
+            full.to(param.device_mesh.device_type), param.device_mesh, param.placements
+        )
         param.to_local().copy_(shard.to_local())
     else:
         param.copy_(full)

@@ -116,9 +116,8 @@ def layer_activation_bytes(
     rounded by token_split exactly as the runtime does.
     """
     anchor_off, _ = token_split(seq_local, policy.anchor_offload_fraction, 0.0)
-    anchor_host = micro_batch * (
-        shape.anchor_bytes(anchor_off) if policy.recompute != "full" else shape.input_bytes(anchor_off)
-    )
+    anchor_size = shape.input_bytes if policy.recompute == "full" else shape.anchor_bytes
+    anchor_host = micro_batch * anchor_size(anchor_off)
     if policy.recompute == "full":
         kept_input = micro_batch * shape.input_bytes(seq_local - anchor_off)
         regenerated = micro_batch * (
@@ -140,8 +139,12 @@ def layer_activation_bytes(
 
 
 def outside_layers_bytes(
-    model: ModelConfig, micro_batch: int, seq_local: int, dtype_bytes: int,
-    first_stage: bool = True, last_stage: bool = True,
+    model: ModelConfig,
+    micro_batch: int,
+    seq_local: int,
+    dtype_bytes: int,
+    first_stage: bool = True,
+    last_stage: bool = True,
 ) -> int:
     """Saved bytes outside the decoder layers for one micro-batch on one rank.
 

@@ -86,8 +86,15 @@ class Layout:
     """Pipeline stages per pp rank (> 1 only for interleaved and ZBV schedules)."""
 
     def __post_init__(self) -> None:
-        for key in ("dp", "tp", "pp", "sp", "micro_batch_size", "num_microbatches",
-                    "virtual_stages"):
+        for key in (
+            "dp",
+            "tp",
+            "pp",
+            "sp",
+            "micro_batch_size",
+            "num_microbatches",
+            "virtual_stages",
+        ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"layout.{key}", f"must be >= 1, got {getattr(self, key)}")
         if self.zero_stage not in (0, 1, 2, 3):

@@ -40,8 +40,15 @@ class ClusterConfig:
         for key in ("num_nodes", "gpus_per_node"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"cluster.{key}", f"must be >= 1, got {getattr(self, key)}")
-        for key in ("gpu_memory_gib", "host_memory_gib", "peak_tflops", "hbm_bandwidth_gbps",
-                    "host_to_device_gbps", "intra_node_gbps", "inter_node_gbps"):
+        for key in (
+            "gpu_memory_gib",
+            "host_memory_gib",
+            "peak_tflops",
+            "hbm_bandwidth_gbps",
+            "host_to_device_gbps",
+            "intra_node_gbps",
+            "inter_node_gbps",
+        ):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"cluster.{key}", f"must be > 0, got {getattr(self, key)}")
 

@@ -55,8 +55,15 @@ class ModelConfig:
     """Standard deviation of the normal weight initialisation."""
 
     def __post_init__(self) -> None:
-        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                    "ffn_size", "max_seq_len"):
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "ffn_size",
+            "max_seq_len",
+        ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"model.{key}", f"must be >= 1, got {getattr(self, key)}")
         if self.num_heads % self.num_kv_heads:
