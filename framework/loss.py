@@ -17,11 +17,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     ) -> Tensor:
         tokens = hidden.shape[0]
         w = weight.to(hidden.dtype)
-        lse = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        compute = torch.promote_types(hidden.dtype, torch.float32)  # fp32 logits for bf16
+        lse = torch.empty(tokens, dtype=compute, device=hidden.device)
+        total = torch.zeros((), dtype=compute, device=hidden.device)
         for start in range(0, tokens, chunk_tokens):
             stop = min(start + chunk_tokens, tokens)
-            logits = (hidden[start:stop] @ w.t()).float()
+            logits = (hidden[start:stop] @ w.t()).to(compute)
             chunk_lse = torch.logsumexp(logits, dim=-1)
             target_logit = logits.gather(1, targets[start:stop, None]).squeeze(1)
             total += (chunk_lse - target_logit).sum()
@@ -35,10 +36,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         hidden, weight, targets, lse = ctx.saved_tensors
         tokens = hidden.shape[0]
         w = weight.to(hidden.dtype)
-        scale = grad_loss.float() / tokens
+        compute = lse.dtype
+        scale = grad_loss.to(compute) / tokens
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            torch.zeros(weight.shape, dtype=compute, device=weight.device)
             if ctx.needs_input_grad[1]
             else None
         )
@@ -46,13 +48,13 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             stop = min(start + ctx.chunk_tokens, tokens)
             h = hidden[start:stop]
             # d loss / d logits = softmax(logits) - onehot(target), times 1/tokens
-            probs = torch.exp((h @ w.t()).float() - lse[start:stop, None])
+            probs = torch.exp((h @ w.t()).to(compute) - lse[start:stop, None])
             probs[torch.arange(stop - start, device=h.device), targets[start:stop]] -= 1.0
             grad_logits = (probs * scale).to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[start:stop] = grad_logits @ w
             if grad_weight is not None:
-                grad_weight += (grad_logits.t() @ h).float()
+                grad_weight += (grad_logits.t() @ h).to(compute)
         return (
             grad_hidden,
             grad_weight.to(weight.dtype) if grad_weight is not None else None,

@@ -4,8 +4,8 @@ The planner predicts activation memory from exactly these saved-tensor inventori
 device and torch version, so the pieces whose built-in versions save more (or differently on
 CPU and GPU) are written here:
 
-- rms_norm saves (x, rstd): the input and one fp32 value per token. torch's composite saves
-  five tensors on CPU.
+- rms_norm saves (x, rstd): the input and one fp32 value per token (fp64 for fp64
+  inputs). torch's composite saves five tensors on CPU.
 - swiglu saves (a, b): silu(a) is recomputed in backward instead of stored.
 - apply_rope saves only the shared cos/sin tables (computed once per forward).
 """
@@ -14,24 +14,31 @@ import torch
 from torch import Tensor
 
 
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 inputs; fp64 stays fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        xf = x.float()
+        compute = _at_least_fp32(x.dtype)
+        xf = x.to(compute)
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, rstd, weight)
-        return (xf * rstd * weight.float()).to(x.dtype)
+        return (xf * rstd * weight.to(compute)).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         x, rstd, weight = ctx.saved_tensors
-        xhat = x.float() * rstd
+        compute = rstd.dtype
+        xhat = x.to(compute) * rstd
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = (grad_out.float() * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+            grad_w = (grad_out.to(compute) * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            g = grad_out.float() * weight.float()
+            g = grad_out.to(compute) * weight.to(compute)
             grad_x = (rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
         return grad_x, grad_w, None
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from configs.errors import ConfigError
+from configs.schema import ClusterConfig, ModelConfig, TrainConfig
 from configs.structured import to_typed
 
 SCHEMA_VERSION = 1
@@ -249,3 +250,28 @@ class Plan:
             return Plan.from_dict(data)
         except ConfigError as exc:
             raise ConfigError("plan.path", f"{path}: {exc}") from exc
+
+
+def check_plan_matches(
+    plan: Plan, model: ModelConfig, cluster: ClusterConfig, train: TrainConfig
+) -> None:
+    """Raise ConfigError if a plan (e.g. from plan.path) does not fit this model, cluster and
+    batch: the runtime executes plans, it never re-plans."""
+    for key in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "ffn_size", "vocab_size"):
+        planned, configured = getattr(plan.model, key), getattr(model, key)
+        if planned != configured:
+            raise ConfigError(
+                "plan.path", f"plan has model.{key}={planned} but the model has {configured}"
+            )
+    if plan.layout.world_size != cluster.world_size:
+        raise ConfigError(
+            "plan.path",
+            f"plan needs {plan.layout.world_size} ranks (dp*tp*pp*sp) but the cluster has "
+            f"{cluster.world_size} (cluster.num_nodes x cluster.gpus_per_node)",
+        )
+    for key in ("seq_len", "global_batch_size"):
+        planned, configured = getattr(plan.train, key), getattr(train, key)
+        if planned != configured:
+            raise ConfigError(
+                f"train.{key}", f"{configured} differs from the plan's {key}={planned}"
+            )

@@ -1,0 +1,103 @@
+"""The train loop. Everything it calls lives elsewhere; the loop itself stays short.
+
+data (TokenLoader) -> runtime.train_step (layout, micro-batches, optimizer)
+-> metrics line on logging steps (the only host syncs) -> wandb
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from configs.schema import Config
+from configs.structured import to_plain
+from framework.data import TokenLoader, open_tokens
+from framework.device import resolve_device, resolve_dtype
+from framework.distributed import DistContext, init_distributed
+from framework.logs import log_rank0
+from framework.metrics import GIB, MetricsTracker
+from framework.runtime import TrainRuntime, build_local_runtime
+from framework.tracking import WandbTracker
+from planner.plan import Plan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """Losses of the logged steps, by step number."""
+
+    losses: dict[int, float] = field(default_factory=dict)
+
+
+def build_runtime(
+    cfg: Config, plan: Plan, device: torch.device, dtype: torch.dtype, dist_ctx: DistContext
+) -> TrainRuntime:
+    """The runtime for the plan's layout: one process, or parallel/ for several ranks."""
+    if plan.layout.world_size == 1:
+        return build_local_runtime(cfg.model, cfg.train, plan, device, dtype)
+    from parallel.runtime import build_parallel_runtime
+
+    return build_parallel_runtime(cfg.model, cfg.train, plan, device, dtype, dist_ctx)
+
+
+def train(cfg: Config, plan: Plan, run_dir: Path) -> TrainResult:
+    """Run cfg.train.steps optimizer steps of the planned layout; returns the logged losses."""
+    device = resolve_device(cfg.cluster)
+    dtype = resolve_dtype(cfg.train, device)
+    dist_ctx = init_distributed(device)
+    torch.manual_seed(cfg.train.seed)
+    runtime = build_runtime(cfg, plan, device, dtype, dist_ctx)
+    loader = TokenLoader(
+        open_tokens(cfg.data),
+        cfg.train.seq_len,
+        cfg.train.global_batch_size,
+        cfg.train.seed,
+        cfg.model.vocab_size,
+        runtime.dp_rank,
+        runtime.dp_size,
+    )
+    tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+    metrics = MetricsTracker(
+        cfg.model,
+        cfg.train.seq_len,
+        tokens_per_step,
+        dist_ctx.world_size,
+        cfg.cluster.peak_tflops,
+        cfg.cluster.gpu_memory_gib * GIB,
+        device,
+    )
+    tracker = WandbTracker(
+        cfg.logging if dist_ctx.rank == 0 else replace(cfg.logging, wandb=False),
+        run_dir,
+        run_dir.name,
+        to_plain(cfg),
+    )
+    layout = plan.layout
+    # 16 sequences x 256 tokens = 4,096 tokens per step on the demo
+    log_rank0(
+        logger,
+        f"training {plan.model.name} ({plan.model.num_params:,} params) on {device.type}: "
+        f"dp={layout.dp} tp={layout.tp} pp={layout.pp} sp={layout.sp} zero={layout.zero_stage}"
+        f" | {cfg.train.global_batch_size} seq x {cfg.train.seq_len} tokens = "
+        f"{tokens_per_step:,} tokens/step ({layout.num_microbatches} micro-batches of "
+        f"{layout.micro_batch_size}) | {cfg.train.steps} steps",
+    )
+    result = TrainResult()
+    try:
+        for step in range(1, cfg.train.steps + 1):
+            inputs, targets = loader.next_batch()
+            output = runtime.train_step(inputs, targets)
+            metrics.step_done()
+            if step == 1 or step % cfg.logging.every == 0 or step == cfg.train.steps:
+                line = metrics.collect(step, output.loss, output.grad_norm)  # host sync
+                log_rank0(logger, line.line())
+                tracker.log(line)
+                result.losses[step] = line.loss
+    finally:
+        tracker.finish()
+        runtime.close()
+    return result

@@ -1,0 +1,74 @@
+"""Token files, the embedded corpus and deterministic, resumable batches."""
+
+import numpy as np
+import pytest
+import torch
+
+from configs.errors import ConfigError
+from configs.schema import DataConfig
+from framework.data import TokenLoader, open_tokens, stdlib_corpus
+
+
+def test_embedded_corpus_is_stdlib_source_and_deterministic():
+    first = stdlib_corpus(1 << 20)
+    assert len(first) == 1 << 20
+    assert first.dtype == np.uint8
+    assert np.array_equal(first, stdlib_corpus(1 << 20))
+    assert b"def " in first[:200_000].tobytes()
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint32"])
+def test_token_file_is_memory_mapped(tmp_path, dtype):
+    values = np.arange(5000, dtype=dtype) % 1000
+    path = tmp_path / "train.bin"
+    values.tofile(path)
+    tokens = open_tokens(DataConfig(path=str(path), dtype=dtype))
+    assert isinstance(tokens, np.memmap)
+    assert np.array_equal(tokens, values)
+
+
+def test_missing_and_malformed_token_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.path: no such token file"):
+        open_tokens(DataConfig(path=str(tmp_path / "absent.bin")))
+    odd = tmp_path / "odd.bin"
+    odd.write_bytes(b"abc")
+    with pytest.raises(ConfigError, match="not a flat uint16 array"):
+        open_tokens(DataConfig(path=str(odd), dtype="uint16"))
+
+
+def test_batches_are_a_function_of_seed_and_index():
+    tokens = stdlib_corpus(1 << 18)
+    loader = TokenLoader(tokens, 32, 8, seed=3, vocab_size=256)
+    inputs, targets = loader.batch(5)
+    again, _ = TokenLoader(tokens, 32, 8, seed=3, vocab_size=256).batch(5)
+    other, _ = TokenLoader(tokens, 32, 8, seed=4, vocab_size=256).batch(5)
+    assert inputs.shape == (8, 32) and inputs.dtype == torch.int64
+    assert torch.equal(inputs, again) and not torch.equal(inputs, other)
+    assert torch.equal(inputs[:, 1:], targets[:, :-1])  # targets are inputs shifted by one
+
+
+def test_state_round_trip_continues_exactly():
+    tokens = stdlib_corpus(1 << 18)
+    straight = TokenLoader(tokens, 16, 4, seed=0, vocab_size=256)
+    expected = [straight.next_batch()[0] for _ in range(6)]
+    first = TokenLoader(tokens, 16, 4, seed=0, vocab_size=256)
+    for _ in range(3):
+        first.next_batch()
+    resumed = TokenLoader(tokens, 16, 4, seed=0, vocab_size=256)
+    resumed.load_state_dict(first.state_dict())
+    assert all(torch.equal(resumed.next_batch()[0], want) for want in expected[3:])
+    with pytest.raises(ConfigError, match=r"train\.seed"):
+        TokenLoader(tokens, 16, 4, seed=1, vocab_size=256).load_state_dict(first.state_dict())
+
+
+def test_data_parallel_ranks_partition_the_global_batch():
+    tokens = stdlib_corpus(1 << 18)
+    whole = TokenLoader(tokens, 16, 8, seed=0, vocab_size=256).batch(2)[0]
+    parts = [TokenLoader(tokens, 16, 8, 0, 256, rank, 4).batch(2)[0] for rank in range(4)]
+    assert torch.equal(torch.cat(parts), whole)
+
+
+def test_token_ids_beyond_the_vocabulary_are_rejected():
+    tokens = np.full(1000, 300, dtype=np.uint16)
+    with pytest.raises(ConfigError, match="vocab_size=256"):
+        TokenLoader(tokens, 16, 2, seed=0, vocab_size=256).batch(0)

@@ -1,0 +1,48 @@
+"""Chunked cross-entropy: same loss and gradients as the plain one, bounded saved bytes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from framework.loss import chunked_cross_entropy
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_equals_plain_cross_entropy_loss_and_gradients(chunk):
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 50, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(300, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 300, (2, 50))
+    loss = chunked_cross_entropy(hidden, weight, targets, chunk)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    reference = F.cross_entropy((hidden @ weight.t()).reshape(-1, 300), targets.reshape(-1))
+    expected = torch.autograd.grad(reference, (hidden, weight))
+    torch.testing.assert_close(loss, reference)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def _saved_activation_bytes(vocab: int, chunk: int) -> int:
+    hidden = torch.randn(256, 32, requires_grad=True)
+    weight = torch.randn(vocab, 32, requires_grad=True)
+    targets = torch.randint(0, vocab, (256,))
+    storages = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr():
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        chunked_cross_entropy(hidden, weight, targets, chunk)
+    return sum(storages.values())
+
+
+def test_saved_bytes_do_not_grow_with_vocab_or_chunk():
+    small = _saved_activation_bytes(vocab=100, chunk=16)
+    huge_vocab = _saved_activation_bytes(vocab=20_000, chunk=16)
+    big_chunk = _saved_activation_bytes(vocab=20_000, chunk=256)
+    # hidden (256 x 32 fp32) + int64 targets + one fp32 log-sum-exp per token
+    expected = 256 * 32 * 4 + 256 * 8 + 256 * 4
+    assert small == huge_vocab == big_chunk == expected
+    assert expected < 256 * 20_000 * 4 / 100  # far below the full logits
