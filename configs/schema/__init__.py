@@ -4,10 +4,12 @@ from dataclasses import dataclass, field
 
 from configs.schema.checkpoint import CheckpointConfig
 from configs.schema.cluster import ClusterConfig
-from configs.schema.io import JobConfig, LaunchConfig, PlanIOConfig, ProfileConfig
+from configs.schema.io import PlanIOConfig
+from configs.schema.launch import JobConfig, LaunchConfig
 from configs.schema.logging import LoggingConfig
 from configs.schema.model import ModelConfig
 from configs.schema.planner import PlannerConfig
+from configs.schema.profile import ProfileConfig
 from configs.schema.train import DataConfig, TrainConfig
 
 

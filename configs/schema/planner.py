@@ -5,17 +5,74 @@ from typing import Literal
 
 from configs.errors import ConfigError
 
+PIPELINE_SCHEDULES = (
+    "gpipe",
+    "1f1b",
+    "interleaved_1f1b",
+    "interleaved_zero_bubble",
+    "zbv_zero_bubble",
+)
+"""Schedules a pipelined layout (pp > 1) may use; pp = 1 always runs without one."""
+
 
 @dataclass(frozen=True)
 class PlannerConfig:
-    """Solver limits and cost-model constants."""
+    """Solver limits, the layout search space and the cost model's hardware constants."""
 
     solver: Literal["auto", "highs", "cbc"] = "auto"
     """MILP solver: auto = HiGHS when highspy is installed, CBC otherwise."""
     time_limit_seconds: float = 10.0
-    """Wall-time bound of the whole plan search."""
+    """Wall-time bound of the whole plan search (every MILP solve gets what is left)."""
     mip_gap: float = 0.01
     """Relative optimality gap at which a solve stops."""
+
+    # --- layout search space -------------------------------------------------------------
+    dp: int | None = None
+    """Pin the data-parallel degree; None searches it."""
+    tp: int | None = None
+    """Pin the tensor-parallel degree; None searches it."""
+    pp: int | None = None
+    """Pin the pipeline-parallel degree; None searches it."""
+    sp: int | None = None
+    """Pin the (Ulysses) sequence-parallel degree; None searches it."""
+    zero_stages: tuple[int, ...] = (0, 1, 2, 3)
+    """ZeRO stages the search may pick from (0 = plain data parallelism)."""
+    pp_schedules: tuple[str, ...] = PIPELINE_SCHEDULES
+    """Pipeline schedules the search may pick from when pp > 1."""
+    max_virtual_stages: int = 4
+    """Most pipeline stages per pp rank for interleaved schedules (ZB-V always uses 2)."""
+    max_micro_batch_size: int = 16
+    """Largest micro-batch the search tries when train.micro_batch_size is null."""
+    zero_backend: Literal["auto", "fsdp2", "deepspeed"] = "auto"
+    """ZeRO implementation: auto prefers fsdp2; deepspeed only runs layouts with tp=pp=sp=1."""
+    offload: Literal["auto", "on", "off"] = "auto"
+    """Activation offload to host RAM: auto = on for cuda clusters, off for cpu (where the
+    host and the "device" are the same memory)."""
+
+    # --- time model ----------------------------------------------------------------------
+    matmul_efficiency: float = 0.7
+    """Achievable fraction of cluster.peak_tflops in the dense matmuls (projections, MLP,
+    output layer)."""
+    attention_efficiency: float = 0.55
+    """Achievable fraction of cluster.peak_tflops in the attention core (FlashAttention
+    forward and backward)."""
+    memory_bandwidth_efficiency: float = 0.8
+    """Achievable fraction of cluster.hbm_bandwidth_gbps in element-wise ops (norms, RoPE,
+    SwiGLU, residuals, the optimizer step)."""
+    network_efficiency: float = 0.8
+    """Achievable fraction of the intra/inter-node bus bandwidth in collectives and p2p."""
+    host_transfer_efficiency: float = 0.9
+    """Achievable fraction of cluster.host_to_device_gbps for activation offload copies."""
+    layer_overhead_seconds: float = 2e-5
+    """Fixed cost (kernel launches, Python) of one layer's forward or backward pass."""
+
+    # --- memory model --------------------------------------------------------------------
+    fragmentation_reserve_fraction: float = 0.05
+    """Fraction of each GPU's memory kept free for allocator fragmentation."""
+    cuda_context_gib: float = 0.75
+    """CUDA context and library workspaces per GPU (ignored for cluster.device=cpu)."""
+    host_reserve_fraction: float = 0.1
+    """Fraction of each node's host RAM kept for the OS, data loading and the runtime."""
 
     def __post_init__(self) -> None:
         if self.time_limit_seconds <= 0:
@@ -24,3 +81,44 @@ class PlannerConfig:
             )
         if not 0.0 <= self.mip_gap < 1.0:
             raise ConfigError("planner.mip_gap", f"must be in [0, 1), got {self.mip_gap}")
+        for key in ("dp", "tp", "pp", "sp"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"planner.{key}", f"must be >= 1 or null, got {value}")
+        if not self.zero_stages or any(s not in (0, 1, 2, 3) for s in self.zero_stages):
+            raise ConfigError(
+                "planner.zero_stages",
+                f"got {list(self.zero_stages)}; allowed: a non-empty list of 0, 1, 2, 3",
+            )
+        bad = [s for s in self.pp_schedules if s not in PIPELINE_SCHEDULES]
+        if bad or not self.pp_schedules:
+            raise ConfigError(
+                "planner.pp_schedules",
+                f"got {list(self.pp_schedules)}; allowed: a non-empty list of "
+                + ", ".join(PIPELINE_SCHEDULES),
+            )
+        for key in ("max_virtual_stages", "max_micro_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"planner.{key}", f"must be >= 1, got {getattr(self, key)}")
+        for key in (
+            "matmul_efficiency",
+            "attention_efficiency",
+            "memory_bandwidth_efficiency",
+            "network_efficiency",
+            "host_transfer_efficiency",
+        ):
+            value = getattr(self, key)
+            if not 0.0 < value <= 1.0:
+                raise ConfigError(f"planner.{key}", f"must be in (0, 1], got {value}")
+        if self.layer_overhead_seconds < 0:
+            raise ConfigError(
+                "planner.layer_overhead_seconds", f"must be >= 0, got {self.layer_overhead_seconds}"
+            )
+        for key in ("fragmentation_reserve_fraction", "host_reserve_fraction"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"planner.{key}", f"must be in [0, 1), got {value}")
+        if self.cuda_context_gib < 0:
+            raise ConfigError(
+                "planner.cuda_context_gib", f"must be >= 0, got {self.cuda_context_gib}"
+            )
