@@ -1,13 +1,19 @@
-"""`memplan train`: plan (or reuse plan.path), write the run directory, run torchrun."""
+"""`memplan train`: plan (or reuse plan.path), write the run directory, exec torchrun.
+
+torchrun runs standalone on this node with the plan's world size: every rank's stdout and
+stderr go to RUN_DIR/logs/<run id>/attempt_<n>/<local rank>/, and the console shows rank 0.
+Several nodes need `memplan job` (SLURM, or per-node torchrun commands).
+"""
 
 from __future__ import annotations
 
+import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
-from configs.schema import Config
+from configs.errors import ConfigError
+from configs.schema import ClusterConfig, Config
 from launch.compose import compose_config
 from launch.run_dir import prepare_run_dir
 from planner.plan import Plan, check_plan_matches
@@ -25,28 +31,60 @@ def plan_for(cfg: Config) -> Plan:
     return plan
 
 
+def torchrun_prefix() -> list[str]:
+    """How to start torchrun with this Python (the one memplan is installed in): the
+    `torchrun` script beside the interpreter, else `python -m torch.distributed.run`."""
+    script = Path(sys.executable).parent / "torchrun"
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-m", "torch.distributed.run"]
+
+
 def torchrun_command(run_dir: Path, nproc_per_node: int, max_restarts: int) -> list[str]:
     """torchrun on this node: every rank logs to run_dir/logs, the console shows rank 0."""
     return [
-        sys.executable, "-m", "torch.distributed.run",
+        *torchrun_prefix(),
         "--standalone",
         f"--nproc-per-node={nproc_per_node}",
         f"--max-restarts={max_restarts}",
         f"--log-dir={run_dir / 'logs'}",
-        "--tee=3",
-        "--local-ranks-filter=0",
+        "--tee=3",  # stdout and stderr of every rank to its log files ...
+        "--local-ranks-filter=0",  # ... and rank 0's to the console
         "-m", "launch.worker", str(run_dir),
     ]  # fmt: skip
 
 
+def check_single_node(cluster: ClusterConfig) -> None:
+    """`memplan train` runs every rank on this machine: refuse what cannot run here."""
+    if cluster.num_nodes > 1:
+        raise ConfigError(
+            "cluster.num_nodes",
+            f"{cluster.num_nodes} nodes: memplan train runs on this node only; use memplan job"
+            " (job.scheduler=slurm, or job.scheduler=torchrun without SLURM)",
+        )
+    if cluster.device == "cuda":
+        import torch  # only here: the CPU path never pays for importing torch in the launcher
+
+        found = torch.cuda.device_count()
+        if found < cluster.gpus_per_node:
+            raise ConfigError(
+                "cluster.gpus_per_node",
+                f"{cluster.gpus_per_node} but this machine has {found} CUDA device(s)",
+            )
+
+
 def run(args: list[str]) -> int:
-    """Compose, plan, write the run directory and run the workers; returns their exit code."""
+    """Compose, plan, write the run directory, then replace this process with torchrun (its
+    exit code is the command's). launch.dry_run=true prints the command instead."""
     cfg = compose_config(args)
     plan = plan_for(cfg)
+    check_single_node(cfg.cluster)
     run_dir = prepare_run_dir(cfg, plan)
     command = torchrun_command(run_dir, plan.layout.world_size, cfg.launch.max_restarts)
     if cfg.launch.dry_run:
         print(shlex.join(command))
         return 0
     print(f"run directory: {run_dir}", flush=True)
-    return subprocess.call(command)
+    sys.stderr.flush()
+    os.execv(command[0], command)  # signals (Ctrl-C, SLURM's SIGTERM) reach torchrun directly
+    raise AssertionError("unreachable: execv returned")

@@ -1,0 +1,50 @@
+#!/bin/bash
+{{sbatch_directives}}
+#
+# Written by `memplan job`; submit it with:  sbatch {{script}}
+#
+# One SLURM task per node runs torchrun, which starts that node's {{gpus_per_node}} worker(s); the
+# agents of all {{num_nodes}} node(s) meet at a c10d rendezvous on the first node of the allocation.
+# Workers read resolved.yaml and plan.json from RUN_DIR (written beside this script), so the
+# job runs exactly what was planned; logs, checkpoints and the wandb run go to RUN_DIR too.
+set -euo pipefail
+
+RUN_DIR={{run_dir}}
+# {{num_nodes}} node(s) x {{gpus_per_node}} worker(s) = {{world_size}} ranks, the plan's world size
+NNODES={{num_nodes}}
+NPROC_PER_NODE={{gpus_per_node}}
+RDZV_PORT={{port}}
+# After a failure torchrun restarts all workers up to MAX_RESTARTS times; a requeued job starts
+# again. Either way the workers resume from CHECKPOINT_DIR (checkpoint.resume={{resume}}).
+MAX_RESTARTS={{max_restarts}}
+CHECKPOINT_DIR={{checkpoint_dir}}
+# torchrun of the Python environment that wrote this job (memplan and torch are installed there)
+TORCHRUN=({{torchrun}})
+
+: "${SLURM_JOB_ID:?not inside a SLURM job: submit this script with sbatch}"
+: "${SLURM_JOB_NODELIST:?not inside a SLURM job: submit this script with sbatch}"
+if [ "${SLURM_NNODES:-$NNODES}" != "$NNODES" ]; then
+    echo "memplan job: the plan needs $NNODES node(s) but SLURM gave $SLURM_NNODES" >&2
+    exit 2
+fi
+
+# The first node of the allocation hosts the rendezvous.
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+echo "memplan job $SLURM_JOB_ID: $NNODES node(s) x $NPROC_PER_NODE worker(s), rendezvous $HEAD_NODE:$RDZV_PORT"
+echo "memplan job $SLURM_JOB_ID: run directory $RUN_DIR, checkpoints in $CHECKPOINT_DIR"
+
+# The rendezvous id is the job id, which a requeued job keeps.
+# Every rank's log: RUN_DIR/logs/<job id>_<suffix>/attempt_<n>/<local rank>/{stdout,stderr}.log
+# (one <job id>_<suffix> directory per node); this job's output shows each node's local rank 0.
+srun --nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task={{cpus_per_task}} --kill-on-bad-exit=1 \
+    "${TORCHRUN[@]}" \
+    --nnodes="$NNODES" \
+    --nproc-per-node="$NPROC_PER_NODE" \
+    --rdzv-backend=c10d \
+    --rdzv-endpoint="$HEAD_NODE:$RDZV_PORT" \
+    --rdzv-id="$SLURM_JOB_ID" \
+    --max-restarts="$MAX_RESTARTS" \
+    --log-dir="$RUN_DIR/logs" \
+    --tee=3 \
+    --local-ranks-filter=0 \
+    -m launch.worker "$RUN_DIR"
