@@ -132,9 +132,9 @@ def layer_activation_bytes(
     device = anchor_device + micro_batch * local(keep, selective)
     host = anchor_host + micro_batch * local(off, selective)
     recomputed = micro_batch * local(rec, selective)
-    if selective:  # h1, h2 and p of every token not recomputed anyway
+    if selective:  # h1, h2 and p of every token (local(rec, selective) leaves them out)
         dropped_per_token = (2 * shape.hidden + shape.ffn) * shape.dtype_bytes
-        recomputed += micro_batch * (seq_local - rec) * dropped_per_token
+        recomputed += micro_batch * seq_local * dropped_per_token
     return LayerActivationBytes(device, host, recomputed)
 
 

@@ -1,0 +1,152 @@
+"""Apply per-layer activation policies from a plan to a model's decoder layers.
+
+Order in the parallelisation pipeline (STYLE.md): tensor/sequence parallel -> activation
+policy -> compile -> ZeRO. The engine only sets two plain attributes on each layer
+(`activation_policy`, `cheap_op_runner`) and installs saved-tensor hooks during its forward:
+no module wrapping, no state_dict key changes, so FSDP2, TP and pipeline stages compose.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from offload.engine import LayerActivationEngine, LayerActivationStats, LayerForward, make_pool
+from offload.pool import ALIGN_BYTES, HostBufferPool
+from offload.streams import CopyStreams
+from planner.plan import LayerPlan
+
+logger = logging.getLogger(__name__)
+
+
+class ActivationRuntime:
+    """What the layers of one model share: the host pool, the copy streams, the prefetch
+    chain (which layer forward comes before which) and the per-layer measurements."""
+
+    def __init__(self, pool: HostBufferPool | None = None) -> None:
+        self.pool = pool
+        self._streams: dict[torch.device, CopyStreams] = {}
+        self._last: weakref.ref[LayerForward] | None = None
+        self.engines: dict[int, LayerActivationEngine] = {}
+        """Engines by layer index."""
+        self._layers: list[weakref.ref[nn.Module]] = []
+
+    def resources(self, device: torch.device) -> tuple[CopyStreams, HostBufferPool]:
+        """Copy streams and the host pool for `device` (created on first use)."""
+        if device not in self._streams:
+            self._streams[device] = CopyStreams(device)
+        if self.pool is None:
+            self.pool = make_pool(device)
+        return self._streams[device], self.pool
+
+    def link(self, forward: LayerForward, position: int) -> None:
+        """Chain `forward` after the previous layer's forward of the same micro-batch, so
+        that its backward prefetches that layer's host data one layer ahead."""
+        last = self._last() if self._last is not None else None
+        if last is not None and last.engine.position == position - 1 and not last.backward_started:
+            forward.prev = last
+        self._last = weakref.ref(forward)
+
+    def layer_stats(self) -> dict[int, LayerActivationStats]:
+        """Measurements of each layer's latest forward, by layer index."""
+        return {
+            index: engine.last_stats
+            for index, engine in self.engines.items()
+            if engine.last_stats is not None
+        }
+
+    def shared_bytes(self) -> int:
+        """Bytes of the storages the layers' latest forwards saved without owning them (the
+        RoPE tables, one pair for all layers): activations outside any one layer."""
+        shared: dict[object, int] = {}
+        for engine in self.engines.values():
+            shared.update(engine.last_shared)
+        return sum(shared.values())
+
+    def remove(self) -> None:
+        """Take the policies off every layer this runtime was applied to."""
+        for ref in self._layers:
+            layer = ref()
+            if layer is not None:
+                remove_activation_policy(layer)
+        self._layers.clear()
+        self.engines.clear()
+
+
+def apply_activation_policy(
+    layer: nn.Module,
+    policy: LayerPlan,
+    pool: HostBufferPool | None = None,
+    *,
+    runtime: ActivationRuntime | None = None,
+    position: int | None = None,
+    sequence_parallel: int = 1,
+) -> LayerActivationEngine:
+    """Make `layer` (a framework.model.DecoderLayer) keep/offload/recompute per `policy`.
+
+    pool: host slabs (shared by the layers of a runtime; None: the runtime's, created on
+    first use). runtime: shared state of the model's layers (None: a private one).
+    position: the layer's place in forward order (default: its layer_index).
+    sequence_parallel: the Ulysses degree (the attention core sees seq x sp tokens).
+    """
+    if not hasattr(layer, "activation_policy") or not hasattr(layer, "cheap_op_runner"):
+        raise TypeError(f"{type(layer).__name__} has no activation_policy/cheap_op_runner seam")
+    if runtime is None:
+        runtime = ActivationRuntime(pool)
+    elif pool is not None and runtime.pool is not pool:
+        raise ValueError("pass the pool to the ActivationRuntime, not to each layer")
+    index = int(getattr(layer, "layer_index", policy.index))
+    if index != policy.index:
+        raise ValueError(f"policy for layer {policy.index} applied to layer {index}")
+    engine = LayerActivationEngine(
+        policy, runtime, index if position is None else position, sequence_parallel
+    )
+    layer.activation_policy = engine
+    layer.cheap_op_runner = engine.run_cheap_op
+    runtime.engines[index] = engine
+    runtime._layers.append(weakref.ref(layer))
+    return engine
+
+
+def apply_activation_plan(
+    layers: Iterable[nn.Module],
+    policies: Sequence[LayerPlan],
+    pool: HostBufferPool | None = None,
+    *,
+    sequence_parallel: int = 1,
+) -> ActivationRuntime:
+    """Apply plan.layers to the decoder layers present (a pipeline stage holds some of them),
+    matched by layer_index; returns the runtime that measures them.
+
+    Usage: `apply_activation_plan(model.layers.values(), plan.layers, sequence_parallel=sp)`.
+    """
+    by_index = {policy.index: policy for policy in policies}
+    runtime = ActivationRuntime(pool)
+    for layer in layers:
+        index = int(layer.layer_index)
+        if index not in by_index:
+            raise ValueError(f"the plan has no policy for layer {index}")
+        apply_activation_policy(
+            layer, by_index[index], runtime=runtime, sequence_parallel=sequence_parallel
+        )
+    return runtime
+
+
+def remove_activation_policy(layer: nn.Module) -> None:
+    """Back to the plain forward (everything saved stays on the device)."""
+    layer.activation_policy = None
+    layer.cheap_op_runner = None
+
+
+def reserve_host_memory(
+    pool: HostBufferPool, host_bytes_per_layer: Iterable[int], micro_batches_in_flight: int = 1
+) -> None:
+    """Preallocate one slab per layer and micro-batch in flight from predicted host bytes
+    (planner.activations.layer_activation_bytes(...).host_bytes), before the training loop.
+    Each slab gets room for the alignment padding of up to 32 pieces."""
+    sizes = [size + 32 * ALIGN_BYTES for size in host_bytes_per_layer if size > 0]
+    pool.reserve(size for size in sizes for _ in range(micro_batches_in_flight))
