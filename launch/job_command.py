@@ -180,7 +180,7 @@ def run(args: list[str]) -> int:
     print(
         f"  beside it: resolved.yaml, plan.json (dp={layout.dp} tp={layout.tp} pp={layout.pp}"
         f" sp={layout.sp} zero={layout.zero_stage}; {cluster.num_nodes} node(s) x"
-        f" {cluster.gpus_per_node} = {layout.world_size} ranks)"
+        f" {cluster.gpus_per_node} = {layout.world_size} rank(s))"
     )
     print(f"  run directory (logs, checkpoints, wandb): {files.run_dir}")
     for note in restart_notes(cfg):

@@ -1,0 +1,159 @@
+"""`memplan train` as a user runs it: torchrun on this node, the dry-run command, bad input.
+
+Also holds the helpers the job tests share (running the CLI, writing plans, reading losses).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.compose import compose_config
+from tests.plans import manual_plan
+
+# 4 sequences x 32 tokens = 128 tokens per step, 3 steps: a few seconds per torchrun on 2 cores
+TINY = [
+    "train.steps=3",
+    "train.seq_len=32",
+    "train.global_batch_size=4",
+    "logging.every=1",
+    "logging.wandb=false",
+]
+_LOSS = re.compile(r"step (\d+) \| loss (\d+\.\d+) \|")
+
+
+def memplan(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None):
+    """Run the `memplan` console script of this environment as a user would."""
+    script = Path(sys.executable).parent / "memplan"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "launch.cli"]
+    return subprocess.run(
+        [*command, *args],
+        capture_output=True,
+        text=True,
+        env=env or os.environ.copy(),
+        cwd=cwd,
+        timeout=300,
+        check=False,
+    )
+
+
+def write_plan(path: Path, overrides: list[str], **layout: object) -> Path:
+    """A hand-made plan (tests/plans.py) for the config the overrides describe."""
+    manual_plan(compose_config(overrides), **layout).write(path)
+    return path
+
+
+def losses(console: str) -> dict[int, str]:
+    """Losses of the metrics lines (`step N | loss X.XXXX | ...`), as printed."""
+    return {int(step): loss for step, loss in _LOSS.findall(console)}
+
+
+def rank_logs(run_dir: Path, nproc: int, under: str = "logs") -> list[Path]:
+    """stdout.log of each local rank that torchrun wrote under run_dir/<under>."""
+    found = []
+    for local_rank in range(nproc):
+        matches = sorted((run_dir / under).glob(f"*/attempt_0/{local_rank}/stdout.log"))
+        assert matches, f"no log of local rank {local_rank} under {run_dir / under}"
+        found += matches
+    return found
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for a rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def needs_parallel_runtime(nproc: int) -> None:
+    """Several ranks need parallel/runtime.py (build_parallel_runtime)."""
+    if nproc > 1 and importlib.util.find_spec("parallel.runtime") is None:
+        pytest.skip("world size > 1 needs parallel/runtime.py (build_parallel_runtime)")
+
+
+def _one_line_error(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+@pytest.mark.integration
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_dry_run_prints_the_command_that_trains_the_same(tmp_path, nproc):
+    needs_parallel_runtime(nproc)
+    cluster = [f"cluster.gpus_per_node={nproc}"]
+    plan = write_plan(tmp_path / "plan.json", [*TINY, *cluster], dp=nproc)
+    # wandb on: the run directory also holds the offline wandb run
+    overrides = [*TINY, *cluster, f"plan.path={plan}", "logging.wandb=true"]
+
+    dry = memplan("train", *overrides, "launch.dry_run=true", f"launch.run_dir={tmp_path / 'a'}")
+    assert dry.returncode == 0, dry.stderr
+    (line,) = dry.stdout.strip().splitlines()
+    command = shlex.split(line)
+    assert f"--nproc-per-node={nproc}" in command and "--standalone" in command
+    assert command[-3:] == ["-m", "launch.worker", str(tmp_path / "a")]
+    assert not (tmp_path / "a" / "logs").exists()  # a dry run starts nothing
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    printed = subprocess.run(
+        command, capture_output=True, text=True, cwd=elsewhere, timeout=300, check=False
+    )
+    direct = memplan("train", *overrides, f"launch.run_dir={tmp_path / 'b'}")
+
+    assert printed.returncode == 0, printed.stdout[-3000:] + printed.stderr[-3000:]
+    assert direct.returncode == 0, direct.stdout[-3000:] + direct.stderr[-3000:]
+    assert sorted(losses(direct.stdout)) == [1, 2, 3]
+    assert losses(printed.stdout) == losses(direct.stdout)
+    assert direct.stdout.startswith(f"run directory: {tmp_path / 'b'}\n")
+    assert "[default1]" not in direct.stdout + direct.stderr  # console: rank 0 only
+    for run_dir in (tmp_path / "a", tmp_path / "b"):
+        assert {p.name for p in run_dir.iterdir()} >= {"resolved.yaml", "plan.json", "logs"}
+        (rank0, *_) = rank_logs(run_dir, nproc)
+        assert "step 3 | loss" in rank0.read_text()
+        assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+@pytest.fixture(scope="module")
+def two_rank_plan(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("plans") / "dp2.json"
+    return write_plan(path, [*TINY, "cluster.gpus_per_node=2"], dp=2)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["frobnicate"], "unknown command 'frobnicate'; allowed: plan, train, profile, job"),
+        (["train", "launch.nope=1"], "launch.nope: unknown key"),
+        (["train", "plan.path=/nonexistent/plan.json"], "plan.path: cannot read"),
+        (["train", *TINY, "PLAN"], "plan.path: plan needs 2 ranks (dp*tp*pp*sp) but the cluster"),
+        (
+            ["train", *TINY, "PLAN", "cluster.num_nodes=2"],
+            "cluster.num_nodes: 2 nodes: memplan train runs on this node only; use memplan job",
+        ),
+        (["job", *TINY, "PLAN"], "plan.path: plan needs 2 ranks"),
+        (["job", "job.scheduler=pbs"], "job.scheduler"),
+        (["job", "job.time=tomorrow"], "job.time: 'tomorrow' is not a SLURM time"),
+    ],
+    ids=lambda value: "-".join(value)[:40] if isinstance(value, list) else None,
+)
+def test_bad_input_is_exit_2_and_one_line(tmp_path, two_rank_plan, args, expected):
+    args = [f"plan.path={two_rank_plan}" if arg == "PLAN" else arg for arg in args]
+    args += [f"launch.run_dir={tmp_path / 'run'}"] if args[0] == "train" else []
+    done = memplan(*args, cwd=tmp_path)
+    line = _one_line_error(done)
+    assert line.startswith("memplan")
+    assert expected in line
+    assert list(tmp_path.iterdir()) == []  # refused before writing anything
