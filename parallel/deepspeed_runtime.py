@@ -1,0 +1,253 @@
+"""The DeepSpeed backend (layout.zero_backend = "deepspeed"; data parallel only: tp=pp=sp=1).
+
+deepspeed.initialize with zero_optimization.stage = layout.zero_stage (0-3), the trainer's
+AdamW (framework.optim: torch's implementation, so no DeepSpeed op is compiled) and LR
+schedule, gradient_accumulation_steps = num_microbatches (engine.backward divides each
+micro-batch loss by it, so gradients are those of the rows' mean), gradient_clipping =
+train.grad_clip (DeepSpeed's coefficient max_norm / (norm + 1e-6) is torch's), bf16 on GPU.
+With ZeRO-0 in fp32 DeepSpeed does not report the gradient norm, so this runtime clips
+(torch's clip_grad_norm_ on the all-reduced gradients) and DeepSpeed's clipping is off.
+
+Checkpoints (stateful_parts) use the same FQN keys as the FSDP2 layouts:
+- "model": each parameter's full fp32 value (ZeRO-1/2/3: DeepSpeed's fp32 master copy,
+  assembled with deepspeed.utils.safe_get_full_fp32_param; ZeRO-0: the parameter);
+- "optimizer": `state.<fqn>.exp_avg|exp_avg_sq|step` and `param_groups.<fqn>.<key>`, the
+  flattened torch layout (ZeRO-1/2/3 through safe_get_full_optimizer_state);
+- "lr_scheduler": the schedule position.
+So a DeepSpeed checkpoint loads into an FSDP2 layout and back. Every rank materialises full
+tensors while saving (a collective per parameter): simple, and as large as one unsharded
+copy of the model states per rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.checkpoint.stateful import Stateful
+
+from configs.schema import ModelConfig, TrainConfig
+from framework.optim import build_lr_scheduler, build_optimizer
+from framework.runtime import StepOutput
+from parallel.stage_model import StageModel
+from parallel.state import SchedulersState
+from planner.plan import Plan
+
+
+class LossModule(nn.Module):
+    """forward(tokens, targets) -> mean loss: DeepSpeed engines wrap a module whose forward
+    is the whole micro-batch computation (ZeRO-3 gathers parameters per module forward)."""
+
+    def __init__(self, model: StageModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: Tensor, targets: Tensor) -> Tensor:
+        return self.model.loss(self.model(tokens), targets)
+
+
+def deepspeed_config(
+    train_cfg: TrainConfig, plan: Plan, dtype: torch.dtype, clip_in_deepspeed: bool
+) -> dict[str, Any]:
+    """The engine configuration for the plan's layout (see the module doc)."""
+    layout = plan.layout
+    return {
+        # micro x accumulation x dp = the global batch
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.num_microbatches,
+        "train_batch_size": layout.micro_batch_size * layout.num_microbatches * layout.dp,
+        "gradient_clipping": train_cfg.grad_clip if clip_in_deepspeed else 0.0,
+        "zero_optimization": {"stage": layout.zero_stage},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "zero_allow_untested_optimizer": True,  # torch's AdamW
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedRuntime:
+    """One DeepSpeed engine over all ranks (dp = world size)."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        plan: Plan,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        import deepspeed
+
+        if device.type == "cpu":  # skip compiling the shared-memory op DeepSpeed wants on CPU
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        layout = plan.layout
+        self.device = device
+        self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
+        self.micro_batch_size = layout.micro_batch_size
+        self.num_microbatches = layout.num_microbatches
+        self.zero_stage = layout.zero_stage
+        self.grad_clip = train_cfg.grad_clip
+        self.pre_update_hooks: list[Callable[[], None]] = []
+        # ZeRO-0 in fp32 uses the plain optimizer, which does not report the norm: clip here.
+        self.clip_here = layout.zero_stage == 0 and dtype == torch.float32
+
+        model = StageModel(model_cfg, loss_chunk_tokens=train_cfg.loss_chunk_tokens).to(device)
+        model.init_weights(train_cfg.seed)
+        module = LossModule(model)
+        if layout.zero_stage == 3:
+            # The loss reads the output weight outside its module's forward.
+            deepspeed.zero.register_external_parameter(module, model.output_weight())
+        optimizer = build_optimizer([model], train_cfg, device)
+        self.scheduler = build_lr_scheduler(optimizer, train_cfg)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            lr_scheduler=self.scheduler,
+            config=deepspeed_config(train_cfg, plan, dtype, not self.clip_here),
+        )
+        self.model = model
+        self.names = {id(p): name for name, p in model.named_parameters()}
+
+    def train_step(self, inputs: Tensor, targets: Tensor) -> StepOutput:
+        total = torch.zeros((), device=self.device)
+        grad_norm = None
+        for index in range(self.num_microbatches):
+            rows = slice(index * self.micro_batch_size, (index + 1) * self.micro_batch_size)
+            loss = self.engine(inputs[rows].to(self.device), targets[rows].to(self.device))
+            self.engine.backward(loss)  # divides by gradient_accumulation_steps
+            total += loss.detach().float()
+            if index == self.num_microbatches - 1:
+                if self.clip_here:  # gradients are all-reduced by the boundary backward
+                    max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+                    grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+                for hook in self.pre_update_hooks:
+                    hook()
+            self.engine.step()  # the optimizer and schedule step at the last micro-batch
+        if grad_norm is None:
+            grad_norm = torch.as_tensor(float(self.engine.get_global_grad_norm()))
+        share = total / self.num_microbatches / self.dp_size
+        dist.all_reduce(share)
+        return StepOutput(share, grad_norm)
+
+    def stateful_parts(self) -> dict[str, Stateful]:
+        return {
+            "model": DeepSpeedModelState(self),
+            "optimizer": DeepSpeedOptimizerState(self),
+            "lr_scheduler": SchedulersState([self.scheduler]),
+        }
+
+    def close(self) -> None:
+        """Release the engine's optimizer and hooks (the process group stays)."""
+        self.engine.destroy()
+
+
+def _param_items(runtime: DeepSpeedRuntime) -> list[tuple[str, nn.Parameter]]:
+    return list(runtime.model.named_parameters())
+
+
+class DeepSpeedModelState(Stateful):
+    """Full fp32 parameter values by FQN (collective over the data-parallel ranks)."""
+
+    def __init__(self, runtime: DeepSpeedRuntime) -> None:
+        self.runtime = runtime
+
+    def state_dict(self) -> dict[str, Any]:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = {}
+        for name, param in _param_items(self.runtime):
+            if self.runtime.zero_stage == 0 and not hasattr(param, "_hp_mapping"):
+                state[name] = param.detach().float().clone()
+            else:
+                state[name] = safe_get_full_fp32_param(param).detach().clone()
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for name, param in _param_items(self.runtime):
+            if name not in state_dict:
+                continue
+            value = state_dict[name].to(self.runtime.device)
+            safe_set_full_fp32_param(param, value)  # the master copy (no-op without one)
+            # ...and the parameter the forward reads (gathered, written, re-partitioned)
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                param.copy_(value.to(param.dtype))
+
+
+class DeepSpeedOptimizerState(Stateful):
+    """AdamW state by FQN in torch's flattened layout (collective under ZeRO-1/2/3)."""
+
+    STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, runtime: DeepSpeedRuntime) -> None:
+        self.runtime = runtime
+
+    def _base(self) -> torch.optim.Optimizer:
+        optimizer = self.runtime.engine.optimizer
+        return getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch optimizer
+
+    def _step(self) -> Tensor:
+        for state in self._base().state.values():
+            if "step" in state:
+                return torch.as_tensor(state["step"], dtype=torch.float32).detach().clone()
+        return torch.zeros((), dtype=torch.float32)
+
+    def state_dict(self) -> dict[str, Any]:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        step = self._step()
+        base_groups = self._base().param_groups
+        state: dict[str, Any] = {}
+        for name, param in _param_items(self.runtime):
+            for key in self.STATE_KEYS:
+                if self.runtime.zero_stage == 0 and not hasattr(param, "_hp_mapping"):
+                    value = self._base().state.get(param, {}).get(key)
+                else:
+                    value = safe_get_full_optimizer_state(param, key)
+                if value is None:
+                    value = torch.zeros_like(param, dtype=torch.float32)
+                state[f"state.{name}.{key}"] = value.detach().float().clone()
+            state[f"state.{name}.step"] = step.clone()
+            group = self._group_of(param, base_groups)
+            for key, value in group.items():
+                if key != "params":
+                    state[f"param_groups.{name}.{key}"] = value
+        return state
+
+    def _group_of(self, param: nn.Parameter, groups: list[dict[str, Any]]) -> dict[str, Any]:
+        # build_optimizer's grouping: weight decay on >= 2-D weights, in that order
+        return groups[0] if param.ndim >= 2 else groups[-1]
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        base, device = self._base(), self.runtime.device
+        step = None
+        for name, param in _param_items(self.runtime):
+            if f"state.{name}.step" not in state_dict:
+                continue
+            step = torch.as_tensor(state_dict[f"state.{name}.step"], dtype=torch.float32)
+            values = {key: state_dict[f"state.{name}.{key}"].to(device) for key in self.STATE_KEYS}
+            if self.runtime.zero_stage == 0 and not hasattr(param, "_hp_mapping"):
+                base.state[param].update({k: v.clone() for k, v in values.items()}, step=step)
+            else:
+                for key, value in values.items():
+                    safe_set_full_optimizer_state(param, value, key)
+        if step is not None:  # ZeRO's flat partitions share one step count
+            for state in base.state.values():
+                state["step"] = step.clone().to(state.get("step", step).device)
+        for group in base.param_groups:
+            lrs = [
+                v
+                for k, v in state_dict.items()
+                if k.startswith("param_groups.") and k.endswith(".lr")
+            ]
+            if lrs:
+                group["lr"] = lrs[0]

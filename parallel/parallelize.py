@@ -1,0 +1,61 @@
+"""parallelize(): the plan's layout applied to one (stage) model, in a fixed, visible order.
+
+    tensor parallel (tp) -> sequence parallel (Ulysses, sp) -> activation policy (offload/
+    recompute, per layer) -> [compile: not planned] -> ZeRO-2/3 (FSDP2 over dp x sp)
+
+Runs on the meta device, before `to_empty()` + `init_weights()`. Pipeline splitting wraps it
+from outside (parallel.runtime builds one StageModel per local stage and parallelises each).
+ZeRO-0/1 and the DeepSpeed backend do not transform the module: they act on gradients and
+the optimizer (parallel.zero, parallel.deepspeed_runtime).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from offload import ActivationRuntime, apply_activation_policy
+from parallel.dims import ParallelMesh
+from parallel.stage_model import StageModel
+from parallel.tensor_parallel import apply_tensor_parallel
+from parallel.ulysses import apply_ulysses
+from parallel.zero import apply_fsdp
+from planner.plan import LayerPlan, Plan
+
+
+def parallelize(
+    model: StageModel,
+    mesh: ParallelMesh,
+    plan: Plan,
+    param_dtype: torch.dtype,
+    activation_runtime: ActivationRuntime,
+) -> None:
+    """Apply plan.layout and plan.layers to `model` (a whole model or one pipeline stage)."""
+    layout = plan.layout
+    apply_tensor_parallel(model, mesh.tp)
+    apply_ulysses(model, mesh.sp.get_group())
+    apply_activation_policies(model, plan.layers, activation_runtime, layout.sp)
+    if layout.zero_stage >= 2:
+        extra = ("loss",) if model.is_last else ()
+        apply_fsdp(model, mesh.dp_sp, layout.zero_stage, param_dtype, extra)
+
+
+def apply_activation_policies(
+    model: StageModel, policies: tuple[LayerPlan, ...], runtime: ActivationRuntime, sp: int
+) -> None:
+    """Hand each of the model's layers with a non-trivial policy to the offload engine (a
+    layer that keeps everything runs its plain forward)."""
+    for name, layer in model.layers.items():
+        policy = policies[int(name)]
+        if is_trivial(policy):
+            continue
+        apply_activation_policy(layer, policy, runtime=runtime, sequence_parallel=sp)
+
+
+def is_trivial(policy: LayerPlan) -> bool:
+    """Everything saved stays on the device: nothing offloaded or recomputed."""
+    return (
+        policy.recompute == "none"
+        and policy.offload_fraction == 0.0
+        and policy.recompute_fraction == 0.0
+        and policy.anchor_offload_fraction == 0.0
+    )

@@ -1,0 +1,223 @@
+"""ParallelRuntime: one optimizer step of a plan's layout over dp x tp x pp x sp ranks.
+
+    build_parallel_runtime(model_cfg, train_cfg, plan, device, dtype, dist_ctx)
+
+builds the mesh (parallel.dims), one StageModel per local pipeline stage (the whole model
+when pp = 1), parallelises each (parallel.parallelize), materialises it with the
+single-process initial weights, and one AdamW + LR schedule per stage model. A step:
+
+    slice this sp rank's sequence chunk -> micro-batches (plain loop, or the pipeline
+    schedule) -> tied-embedding gradient sum -> ZeRO-0/1 gradient all-reduce -> global
+    gradient norm + clipping -> optimizer and schedule -> ZeRO-1 owner broadcast
+
+The reported loss is the mean over the global batch: every (pp, dp, sp) rank contributes its
+rows' mean / (dp x sp) from the last stage (tp ranks repeat it), summed onto rank 0.
+`zero_backend: deepspeed` layouts go to parallel.deepspeed_runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.checkpoint.stateful import Stateful
+
+from configs.errors import ConfigError
+from configs.schema import ModelConfig, TrainConfig
+from framework.distributed import DistContext
+from framework.optim import build_lr_scheduler, build_optimizer
+from framework.runtime import StepOutput, TrainRuntime, autocast_context
+from offload import ActivationRuntime
+from parallel.dims import ParallelDims, ParallelMesh, stage_layers
+from parallel.grad_norm import clip_grads_, global_grad_norm
+from parallel.parallelize import parallelize
+from parallel.pipeline import EmbeddingGroup, Pipeline, stage_indices
+from parallel.stage_model import StageModel
+from parallel.state import SchedulersState, StageModelState, StageOptimizerState
+from parallel.ulysses import sequence_chunk
+from parallel.zero import GradientAllReduce, OwnerBroadcast, partition_parameters
+from planner.plan import Plan
+
+logger = logging.getLogger(__name__)
+
+
+def build_parallel_runtime(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    plan: Plan,
+    device: torch.device,
+    dtype: torch.dtype,
+    dist_ctx: DistContext,
+) -> TrainRuntime:
+    """The runtime executing plan.layout on the dist_ctx.world_size ranks of this job."""
+    if not dist.is_initialized():
+        raise ConfigError(
+            "layout", f"dp*tp*pp*sp={plan.layout.world_size} ranks need torchrun (memplan train)"
+        )
+    dims = ParallelDims.from_plan(plan, model_cfg, train_cfg.seq_len, dist_ctx.world_size)
+    if plan.layout.zero_backend == "deepspeed":
+        from parallel.deepspeed_runtime import DeepSpeedRuntime
+
+        return DeepSpeedRuntime(model_cfg, train_cfg, plan, device, dtype)
+    mesh = dims.build_mesh(device.type)
+    return ParallelRuntime(model_cfg, train_cfg, plan, dims, mesh, device, dtype)
+
+
+class ParallelRuntime:
+    """FSDP2/ZeRO-0/1 x TP x Ulysses x pipeline execution of one plan (see module doc)."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        plan: Plan,
+        dims: ParallelDims,
+        mesh: ParallelMesh,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        layout = plan.layout
+        self.device, self.dims, self.mesh = device, dims, mesh
+        self.dp_rank, self.dp_size = mesh.dp.get_local_rank(), dims.dp
+        self.sp_rank = mesh.sp.get_local_rank()
+        self.micro_batch_size = layout.micro_batch_size
+        self.num_microbatches = layout.num_microbatches
+        self.zero_stage = layout.zero_stage
+        self.grad_clip = train_cfg.grad_clip
+        self.pre_update_hooks: list[Callable[[], None]] = []
+        # FSDP2 casts parameters itself; ZeRO-0/1 keep fp32 parameters under autocast.
+        fsdp = layout.zero_stage >= 2
+        self.autocast_dtype = torch.float32 if fsdp else dtype
+        activation_dtype = dtype if fsdp else torch.float32
+
+        stages = stage_layers(plan)
+        pp_rank = mesh.pp.get_local_rank()
+        self.activation_runtime = ActivationRuntime()
+        self.modules: list[StageModel] = []
+        for stage in stage_indices(pp_rank, layout.pp, layout.virtual_stages, layout.pp_schedule):
+            with torch.device("meta"):
+                model = StageModel(
+                    model_cfg, stage, layout.num_stages, stages[stage], train_cfg.loss_chunk_tokens
+                )
+            parallelize(model, mesh, plan, dtype, self.activation_runtime)
+            model.to_empty(device=device)
+            model.init_weights(train_cfg.seed)
+            self.modules.append(model)
+
+        self.pipeline = None
+        if layout.pp > 1:
+            shape = (layout.micro_batch_size, train_cfg.seq_len // dims.sp, model_cfg.hidden_size)
+            self.pipeline = Pipeline(
+                self.modules,
+                layout.pp_schedule,
+                layout.num_microbatches,
+                mesh.pp.get_group(),
+                device,
+                shape,
+                activation_dtype,
+            )
+        self.embedding_group = None
+        if model_cfg.tie_embeddings and layout.pp > 1:
+            owners = {
+                stage: r
+                for r in range(layout.pp)
+                for stage in stage_indices(r, layout.pp, layout.virtual_stages, layout.pp_schedule)
+            }
+            last_pp_rank = owners[layout.num_stages - 1]
+            self.embedding_group = EmbeddingGroup(mesh, self.modules, last_pp_rank)
+
+        dp_sp_group = mesh.dp_sp.get_group()
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.after_update: list[Callable[[], None]] = []
+        self.reduce_grads: list[Callable[[], None]] = []
+        for model in self.modules:
+            params = [p for p in model.parameters() if p.requires_grad]
+            if layout.zero_stage <= 1:
+                self.reduce_grads.append(GradientAllReduce(params, dp_sp_group))
+            optimized: nn.Module = model
+            if layout.zero_stage == 1:  # this rank's optimizer holds its own parameters only
+                owners = partition_parameters(params, dims.dp_sp)
+                me = mesh.dp_sp.get_local_rank()
+                optimized = nn.ParameterList(
+                    p for p, owner in zip(params, owners, strict=True) if owner == me
+                )
+                self.after_update.append(OwnerBroadcast(params, owners, dp_sp_group))
+            self.optimizers.append(build_optimizer([optimized], train_cfg, device))
+        self.schedulers = [build_lr_scheduler(opt, train_cfg) for opt in self.optimizers]
+        # The tied copy's gradient equals the embedding's after the sum: count it once.
+        self.norm_params = [
+            p
+            for m in self.modules
+            for name, p in m.named_parameters()
+            if not (m.holds_tied_copy and name == "output.weight")
+        ]
+        self.loss_group = mesh.pp_dp_sp.get_group()
+        self.pp_group = mesh.pp.get_group() if layout.pp > 1 else None
+
+    def train_step(self, inputs: Tensor, targets: Tensor) -> StepOutput:
+        rows = inputs.shape[0]
+        if rows != self.micro_batch_size * self.num_microbatches:
+            raise ValueError(
+                f"train_step got {rows} rows; the layout needs micro_batch_size*"
+                f"num_microbatches={self.micro_batch_size}*{self.num_microbatches}"
+            )
+        inputs = sequence_chunk(inputs, self.sp_rank, self.dims.sp).to(self.device)
+        targets = sequence_chunk(targets, self.sp_rank, self.dims.sp).to(self.device)
+        with autocast_context(self.device, self.autocast_dtype):
+            if self.pipeline is not None:
+                loss = self.pipeline.step(inputs, targets)
+            else:
+                loss = self._accumulate(inputs, targets)
+        if self.embedding_group is not None:
+            self.embedding_group()
+        for reduce in self.reduce_grads:
+            reduce()
+        grad_norm = global_grad_norm(self.norm_params, self.pp_group, self.device)
+        clip_grads_([p for m in self.modules for p in m.parameters()], self.grad_clip, grad_norm)
+        for hook in self.pre_update_hooks:  # e.g. a checkpoint snapshot still reading
+            hook()
+        for optimizer, scheduler in zip(self.optimizers, self.schedulers, strict=True):
+            optimizer.step()
+            scheduler.step()
+        for update in self.after_update:
+            update()
+        for model in self.modules:
+            model.zero_grad(set_to_none=True)
+        return StepOutput(self._global_mean(loss), grad_norm)
+
+    def _accumulate(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """Gradient accumulation over micro-batches of the single (whole) model."""
+        (model,) = self.modules
+        total = torch.zeros((), device=self.device)
+        for index in range(self.num_microbatches):
+            rows = slice(index * self.micro_batch_size, (index + 1) * self.micro_batch_size)
+            loss = model.loss(model(inputs[rows]), targets[rows])
+            (loss / self.num_microbatches).backward()
+            total += loss.detach()
+        return total / self.num_microbatches
+
+    def _global_mean(self, loss: Tensor | None) -> Tensor:
+        """Sum of every last-stage rank's mean / (dp*sp) over (pp, dp, sp): rank 0 has it."""
+        share = torch.zeros((), device=self.device, dtype=torch.float32)
+        if loss is not None:
+            share += loss.float() / self.dims.dp_sp
+        dist.all_reduce(share, group=self.loss_group)
+        return share
+
+    def stateful_parts(self) -> dict[str, Stateful]:
+        return {
+            "model": StageModelState(self.modules),
+            "optimizer": StageOptimizerState(self.modules, self.optimizers),
+            "lr_scheduler": SchedulersState(self.schedulers),
+        }
+
+    def parameters(self) -> list[nn.Parameter]:
+        """This rank's parameters (local stages; DTensor shards under FSDP/TP)."""
+        return [p for m in self.modules for p in m.parameters()]
+
+    def close(self) -> None:
+        """Drop the offload engines' hooks; process groups belong to the caller."""
+        self.activation_runtime.remove()

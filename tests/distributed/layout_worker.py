@@ -1,0 +1,133 @@
+"""torchrun worker for tests/distributed: train every case with the parallel runtime and
+compare it with one process.
+
+    python -m torch.distributed.run --nproc-per-node=N tests/distributed/layout_worker.py \
+        CASES_DIR OUT_JSON
+
+CASES_DIR holds one directory per case with resolved.yaml and plan.json (what `memplan
+train` writes). One process group serves every case, so torchrun starts once per world size.
+For each case, rank 0 records the losses and gradient norms of both runs and, over all
+ranks, the largest difference between the final parameters (read through the runtime's
+checkpointable model state, so FQN keys and the tied-embedding copy are checked too).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from configs.schema import Config
+from framework.data import TokenLoader, open_tokens
+from framework.distributed import DistContext
+from framework.model import build_model, materialize
+from framework.runtime import LocalRuntime
+from framework.trainer import build_runtime
+from launch.compose import load_resolved
+from planner.plan import Plan
+
+Reference = tuple[list[float], list[float], dict[str, torch.Tensor]]
+
+
+def loader_for(cfg: Config, dp_rank: int, dp_size: int) -> TokenLoader:
+    return TokenLoader(
+        open_tokens(cfg.data),
+        cfg.train.seq_len,
+        cfg.train.global_batch_size,
+        cfg.train.seed,
+        cfg.model.vocab_size,
+        dp_rank,
+        dp_size,
+    )
+
+
+def reference(cfg: Config) -> Reference:
+    """One process, the whole batch in one micro-batch: losses, grad norms, parameters."""
+    model = materialize(build_model(cfg.model), "cpu", cfg.train.seed)
+    runtime = LocalRuntime(
+        model, cfg.train, cfg.train.global_batch_size, torch.device("cpu"), torch.float32
+    )
+    loader = loader_for(cfg, 0, 1)
+    losses, norms = [], []
+    for _ in range(cfg.train.steps):
+        out = runtime.train_step(*loader.next_batch())
+        losses.append(float(out.loss))
+        norms.append(float(out.grad_norm))
+    return losses, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def run_case(case: Path, ctx: DistContext, references: dict[str, Reference]) -> dict:
+    cfg = load_resolved(str(case / "resolved.yaml"))
+    plan = Plan.read(case / "plan.json")
+    key = json.dumps([cfg.model.__dict__, cfg.train.__dict__], sort_keys=True, default=str)
+    if key not in references:
+        references[key] = reference(cfg)
+    ref_losses, ref_norms, ref_params = references[key]
+
+    start = time.perf_counter()
+    runtime = build_runtime(cfg, plan, torch.device("cpu"), torch.float32, ctx)
+    loader = loader_for(cfg, runtime.dp_rank, runtime.dp_size)
+    losses, norms = [], []
+    for _ in range(cfg.train.steps):
+        out = runtime.train_step(*loader.next_batch())
+        losses.append(float(out.loss))
+        norms.append(float(out.grad_norm))
+
+    # Largest |parallel - single| over the parameters this rank holds, then over ranks.
+    state = runtime.stateful_parts()["model"].state_dict()
+    worst = torch.zeros(2)  # [max abs diff, number of missing or extra keys]
+    seen = set()
+    for name, value in sorted(state.items()):
+        full = value.full_tensor() if isinstance(value, DTensor) else value
+        if name not in ref_params:
+            worst[1] += 1
+            continue
+        seen.add(name)
+        diff = (full.detach().float().cpu() - ref_params[name]).abs().max()
+        worst[0] = torch.maximum(worst[0], diff)
+    seen_all: list[set[str]] = [set() for _ in range(ctx.world_size)]
+    dist.all_gather_object(seen_all, seen)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    runtime.close()
+    missing = sorted(set(ref_params) - set().union(*seen_all))
+    return {
+        "losses": losses,
+        "ref_losses": ref_losses,
+        "grad_norms": norms,
+        "ref_grad_norms": ref_norms,
+        "max_param_diff": float(worst[0]),
+        "unknown_keys": int(worst[1]),
+        "missing_keys": missing,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def main(cases_dir: Path, out: Path) -> int:
+    dist.init_process_group("gloo", timeout=timedelta(seconds=180))
+    ctx = DistContext(dist.get_rank(), dist.get_world_size(), dist.get_rank())
+    results, references = {}, {}
+    try:
+        for case in sorted(p for p in cases_dir.iterdir() if p.is_dir()):
+            results[case.name] = run_case(case, ctx, references)
+            if ctx.rank == 0:
+                r = results[case.name]
+                print(
+                    f"{case.name}: loss diff "
+                    f"{max(abs(a - b) for a, b in zip(r['losses'], r['ref_losses'], strict=True)):.3g}"
+                    f" param diff {r['max_param_diff']:.3g} ({r['seconds']:.1f} s)",
+                    flush=True,
+                )
+                out.write_text(json.dumps(results, indent=1))
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1]), Path(sys.argv[2])))
