@@ -20,7 +20,6 @@ from tests.integration.test_train_cli import (
     free_port,
     losses,
     memplan,
-    needs_parallel_runtime,
     rank_logs,
     write_plan,
 )
@@ -227,9 +226,8 @@ def test_node_script_hosts_the_rendezvous_on_node_0(tmp_path, monkeypatch):
 @pytest.mark.integration
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_slurm_job_trains_to_the_end_with_stand_ins(tmp_path, nproc):
-    needs_parallel_runtime(nproc)
+def test_slurm_job_trains_to_the_end_with_stand_ins(tmp_path):
+    nproc = 2  # one node, two ranks (dp=2)
     overrides = [*TINY, f"cluster.gpus_per_node={nproc}"]
     plan = write_plan(tmp_path / "plan.json", overrides, dp=nproc)
     job_dir = tmp_path / "job"
@@ -274,7 +272,6 @@ def test_slurm_job_trains_to_the_end_with_stand_ins(tmp_path, nproc):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_per_node_commands_train_two_nodes_without_slurm(tmp_path):
-    needs_parallel_runtime(2)
     overrides = [*TINY, "cluster.num_nodes=2", "cluster.gpus_per_node=1"]
     plan = write_plan(tmp_path / "plan.json", overrides, dp=2)
     job_dir = tmp_path / "job"
@@ -350,3 +347,52 @@ def test_sbatch_failure_and_absence_are_exit_2_and_one_line(tmp_path):
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("memplan job: error: job.submit: sbatch not found on PATH")
     assert not (tmp_path / "j2").exists()  # nothing written when it cannot be submitted
+
+
+@pytest.mark.integration
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_requeued_job_resumes_from_its_checkpoints(tmp_path):
+    """SLURM requeues with the same script and job id: the second run continues from the
+    newest checkpoint in the pinned checkpoint.dir (resume=auto) instead of starting over."""
+    steps_4 = [o if not o.startswith("train.steps=") else "train.steps=4" for o in TINY]
+    overrides = [*steps_4, "checkpoint.every=2", "checkpoint.keep=2"]
+    plan = write_plan(tmp_path / "plan.json", overrides)
+    job_dir = tmp_path / "job"
+    made = memplan(
+        "job",
+        *overrides,
+        f"plan.path={plan}",
+        f"job.out={job_dir / 'job.sh'}",
+        f"job.port={free_port()}",
+    )
+    assert made.returncode == 0, made.stderr
+    assert "note:" not in made.stdout  # checkpoints on and resume=auto: nothing to warn about
+    env = cluster_env(
+        tmp_path,
+        stand_ins(tmp_path),
+        SLURM_JOB_ID="4243",
+        SLURM_JOB_NODELIST="localhost",
+        SLURM_NNODES="1",
+    )
+
+    def run_job() -> dict[int, str]:
+        done = subprocess.run(
+            ["bash", str(job_dir / "job.sh")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return losses(done.stdout)
+
+    first = run_job()
+    assert sorted(first) == [1, 2, 3, 4]
+    checkpoints = job_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000000002", "step_000000004"]
+    # Preempted after the step-2 checkpoint: the step-4 one was never written.
+    shutil.rmtree(checkpoints / "step_000000004")
+    requeued = run_job()
+    assert requeued == {3: first[3], 4: first[4]}

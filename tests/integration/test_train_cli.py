@@ -5,7 +5,6 @@ Also holds the helpers the job tests share (running the CLI, writing plans, read
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shlex
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from launch.compose import compose_config
+from planner.plan import Plan
 from tests.plans import manual_plan
 
 # 4 sequences x 32 tokens = 128 tokens per step, 3 steps: a few seconds per torchrun on 2 cores
@@ -73,12 +73,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def needs_parallel_runtime(nproc: int) -> None:
-    """Several ranks need parallel/runtime.py (build_parallel_runtime)."""
-    if nproc > 1 and importlib.util.find_spec("parallel.runtime") is None:
-        pytest.skip("world size > 1 needs parallel/runtime.py (build_parallel_runtime)")
-
-
 def _one_line_error(done: subprocess.CompletedProcess) -> str:
     assert done.returncode == 2, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
@@ -90,9 +84,8 @@ def _one_line_error(done: subprocess.CompletedProcess) -> str:
 @pytest.mark.integration
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_dry_run_prints_the_command_that_trains_the_same(tmp_path, nproc):
-    needs_parallel_runtime(nproc)
+def test_dry_run_prints_the_command_that_trains_the_same(tmp_path):
+    nproc = 2  # two ranks (dp=2) on this node
     cluster = [f"cluster.gpus_per_node={nproc}"]
     plan = write_plan(tmp_path / "plan.json", [*TINY, *cluster], dp=nproc)
     # wandb on: the run directory also holds the offline wandb run
@@ -157,3 +150,19 @@ def test_bad_input_is_exit_2_and_one_line(tmp_path, two_rank_plan, args, expecte
     assert line.startswith("memplan")
     assert expected in line
     assert list(tmp_path.iterdir()) == []  # refused before writing anything
+
+
+@pytest.mark.integration
+def test_without_plan_path_train_and_job_plan_for_the_cluster(tmp_path):
+    overrides = [*TINY, "cluster.gpus_per_node=2"]
+    dry = memplan("train", *overrides, "launch.dry_run=true", f"launch.run_dir={tmp_path / 'a'}")
+    assert dry.returncode == 0, dry.stderr
+    plan = Plan.read(tmp_path / "a" / "plan.json")
+    assert plan.layout.world_size == 2
+    assert plan.solver.name != "manual"  # made by the planner, not tests/plans.py
+    assert "--nproc-per-node=2" in shlex.split(dry.stdout)
+
+    job = memplan("job", *overrides, f"job.out={tmp_path / 'j' / 'job.sh'}")
+    assert job.returncode == 0, job.stderr
+    assert Plan.read(tmp_path / "j" / "plan.json").layout == plan.layout  # the same planner
+    assert "NPROC_PER_NODE=2\n" in (tmp_path / "j" / "job.sh").read_text()
