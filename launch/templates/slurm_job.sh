@@ -28,8 +28,10 @@ if [ "${SLURM_NNODES:-$NNODES}" != "$NNODES" ]; then
     exit 2
 fi
 
-# The first node of the allocation hosts the rendezvous.
-HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# The first node of the allocation hosts the rendezvous. (sed, not head: it reads every line,
+# so a long node list cannot end scontrol with SIGPIPE, which pipefail would make fatal.)
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
+: "${HEAD_NODE:?scontrol show hostnames gave no node for $SLURM_JOB_NODELIST}"
 echo "memplan job $SLURM_JOB_ID: $NNODES node(s) x $NPROC_PER_NODE worker(s), rendezvous $HEAD_NODE:$RDZV_PORT"
 echo "memplan job $SLURM_JOB_ID: run directory $RUN_DIR, checkpoints in $CHECKPOINT_DIR"
 

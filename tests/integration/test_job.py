@@ -173,21 +173,27 @@ def test_slurm_script_starts_torchrun_with_a_rendezvous_on_the_first_node(tmp_pa
 
 @pytest.mark.integration
 @pytest.mark.parametrize(
-    ("slurm_env", "message"),
+    ("slurm_env", "scontrol", "message"),
     [
-        ({"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "n1", "SLURM_NNODES": "1"}, "SLURM gave 1"),
-        ({}, "not inside a SLURM job: submit this script with sbatch"),
+        ({"SLURM_NNODES": "1"}, None, "the plan needs 2 node(s) but SLURM gave 1"),
+        ({"SLURM_NNODES": "2"}, 'echo "scontrol $*" >> "$STANDIN_LOG"\n', "gave no node"),
+        ({"SLURM_JOB_ID": ""}, None, "not inside a SLURM job: submit this script with sbatch"),
     ],
+    ids=["wrong-node-count", "no-hostnames", "no-job"],
 )
-def test_slurm_script_refuses_the_wrong_allocation(tmp_path, monkeypatch, slurm_env, message):
-    bin_dir = stand_ins(tmp_path)
+def test_slurm_script_refuses_the_wrong_allocation(
+    tmp_path, monkeypatch, slurm_env, scontrol, message
+):
+    bin_dir = stand_ins(tmp_path, **({"scontrol": scontrol} if scontrol else {}))
     fake_torchrun(monkeypatch, bin_dir)
     script = generated_script(tmp_path, ["cluster=h100_8x", "cluster.num_nodes=2"], dp=16)
-    env = cluster_env(tmp_path, bin_dir, **slurm_env)
+    slurm = {"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "n[1-2]", **slurm_env}
+    env = cluster_env(tmp_path, bin_dir, **slurm)
     done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
     assert done.returncode != 0
     assert message in done.stderr
-    assert calls(tmp_path) == []  # neither scontrol nor srun ran
+    assert not [call for call in calls(tmp_path) if call.startswith("srun")]  # never started
+    assert not (tmp_path / "torchrun.argv").exists()
 
 
 @pytest.mark.integration
