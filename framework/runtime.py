@@ -8,6 +8,7 @@ provides the layouts of a plan with several ranks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -38,7 +39,14 @@ class StepOutput:
 
 
 class TrainRuntime(Protocol):
-    """What the trainer needs from a (possibly distributed) model."""
+    """What the trainer needs from a (possibly distributed) model.
+
+    Optional: `pre_update_hooks: list[Callable[[], None]]`, empty at construction. When a
+    runtime has it, train_step calls every hook in it once, right before the first write to
+    parameters or optimizer state (before optimizer.step()). The checkpointer appends one
+    that waits for a host snapshot still reading that state, so the snapshot overlaps the
+    forward and backward. Without it, the trainer waits before calling train_step.
+    """
 
     device: torch.device
     dp_rank: int
@@ -140,6 +148,7 @@ class LocalRuntime:
         self.grad_clip = train_cfg.grad_clip
         self.optimizer = build_optimizer([model], train_cfg, device)
         self.scheduler = build_lr_scheduler(self.optimizer, train_cfg)
+        self.pre_update_hooks: list[Callable[[], None]] = []
 
     def train_step(self, inputs: Tensor, targets: Tensor) -> StepOutput:
         num_micro = inputs.shape[0] // self.micro_batch_size
@@ -157,6 +166,8 @@ class LocalRuntime:
             total += loss.detach()
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        for hook in self.pre_update_hooks:  # e.g. a checkpoint snapshot still reading
+            hook()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()

@@ -1,11 +1,13 @@
 """The train loop. Everything it calls lives elsewhere; the loop itself stays short.
 
-data (TokenLoader) -> runtime.train_step (layout, micro-batches, optimizer)
--> metrics line on logging steps (the only host syncs) -> wandb
+resume (newest valid checkpoint) -> data (TokenLoader) -> runtime.train_step (layout,
+micro-batches, optimizer) -> metrics line on logging steps (the only host syncs) -> wandb
+-> asynchronous checkpoint on checkpoint steps
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,6 +16,7 @@ import torch
 
 from configs.schema import Config
 from configs.structured import to_plain
+from framework.checkpoint import Checkpointer
 from framework.data import TokenLoader, open_tokens
 from framework.device import resolve_device, resolve_dtype
 from framework.distributed import DistContext, init_distributed
@@ -31,6 +34,8 @@ class TrainResult:
     """Losses of the logged steps, by step number."""
 
     losses: dict[int, float] = field(default_factory=dict)
+    start_step: int = 0
+    """Steps already done by the checkpoint this run resumed from (0: a fresh start)."""
 
 
 def build_runtime(
@@ -86,18 +91,64 @@ def train(cfg: Config, plan: Plan, run_dir: Path) -> TrainResult:
         f"{tokens_per_step:,} tokens/step ({layout.num_microbatches} micro-batches of "
         f"{layout.micro_batch_size}) | {cfg.train.steps} steps",
     )
+    checkpointer = build_checkpointer(cfg, plan, run_dir, runtime, device)
     result = TrainResult()
+    # A snapshot overlaps the next forward/backward when the runtime calls our hook right
+    # before its optimizer step; otherwise the loop waits for it before the step starts.
+    hooks = getattr(runtime, "pre_update_hooks", None)
+    if hooks is not None:
+        hooks.append(checkpointer.before_update)
     try:
-        for step in range(1, cfg.train.steps + 1):
+        result.start_step = resume(cfg, checkpointer, loader)
+        last_step = cfg.train.steps
+        if cfg.checkpoint.exit_after:
+            last_step = min(last_step, result.start_step + cfg.checkpoint.exit_after)
+        for step in range(result.start_step + 1, last_step + 1):
             inputs, targets = loader.next_batch()
+            if hooks is None:
+                checkpointer.before_update()
             output = runtime.train_step(inputs, targets)
             metrics.step_done()
-            if step == 1 or step % cfg.logging.every == 0 or step == cfg.train.steps:
+            if (
+                step in (1, result.start_step + 1)
+                or step % cfg.logging.every == 0
+                or step == last_step
+            ):
                 line = metrics.collect(step, output.loss, output.grad_norm)  # host sync
                 log_rank0(logger, line.line())
                 tracker.log(line)
                 result.losses[step] = line.loss
+            if checkpointer.due(step, last_step):
+                checkpointer.save(step, {"loader": loader.state_dict()})
+        checkpointer.finish()  # the last checkpoint is committed before train() returns
     finally:
+        if hooks is not None:
+            hooks.remove(checkpointer.before_update)
+        checkpointer.close()
         tracker.finish()
         runtime.close()
     return result
+
+
+def build_checkpointer(
+    cfg: Config, plan: Plan, run_dir: Path, runtime: TrainRuntime, device: torch.device
+) -> Checkpointer:
+    """Checkpoints of this run in checkpoint.dir (default <run dir>/checkpoints), each with
+    the plan and the resolved config that produced it."""
+    root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+    run_files = {
+        "plan.json": plan.to_json().encode(),
+        "config.json": json.dumps(to_plain(cfg), indent=1).encode(),
+    }
+    return Checkpointer(cfg.checkpoint, root, runtime.stateful_parts(), device, run_files)
+
+
+def resume(cfg: Config, checkpointer: Checkpointer, loader: TokenLoader) -> int:
+    """Continue from the newest valid checkpoint (checkpoint.resume=auto); the steps done."""
+    if cfg.checkpoint.resume == "none":
+        return 0
+    resumed = checkpointer.resume()
+    if resumed is None:
+        return 0
+    loader.load_state_dict(resumed.train_state["loader"])
+    return resumed.step

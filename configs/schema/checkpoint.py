@@ -13,14 +13,31 @@ class CheckpointConfig:
     dir: str | None = None
     """Checkpoint directory; None means <run dir>/checkpoints."""
     every: int = 0
-    """Save every N optimizer steps; 0 disables checkpointing."""
+    """Save every N optimizer steps (and after the last step); 0 disables checkpointing."""
     keep: int = 2
     """Committed checkpoints to keep; older ones are deleted after a new commit."""
     resume: Literal["auto", "none"] = "auto"
-    """auto: continue from the newest committed checkpoint in dir, if any."""
+    """auto: continue from the newest committed checkpoint in dir whose checksums match."""
+    exit_after: int = 0
+    """Stop this job after it has run this many steps, with a checkpoint (Megatron's
+    --exit-interval: fit a long run into scheduler time limits; the next job resumes);
+    0 runs to train.steps."""
+    async_mode: Literal["thread", "sync"] = "thread"
+    """thread: copy the state to host memory while the next step runs (blocking only if the
+    copy is unfinished at the optimizer step), then write it in a background thread;
+    sync: write in the training thread before the next step (blocks for the whole save)."""
 
     def __post_init__(self) -> None:
         if self.every < 0:
             raise ConfigError("checkpoint.every", f"must be >= 0, got {self.every}")
+        if self.exit_after < 0:
+            raise ConfigError("checkpoint.exit_after", f"must be >= 0, got {self.exit_after}")
+        if self.exit_after and not self.every:
+            raise ConfigError(
+                "checkpoint.exit_after",
+                "needs checkpoint.every > 0 (the next job resumes from the last checkpoint)",
+            )
         if self.keep < 1:
             raise ConfigError("checkpoint.keep", f"must be >= 1, got {self.keep}")
+        if self.dir is not None and not self.dir.strip():
+            raise ConfigError("checkpoint.dir", "must be a path or null, got an empty string")
