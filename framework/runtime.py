@@ -84,7 +84,9 @@ class ModelState(Stateful):
 
 
 class OptimizerState(Stateful):
-    """Optimizer state keyed by parameter name (layout independent)."""
+    """Optimizer state keyed by parameter name (layout independent): the flattened form
+    (`state.<fqn>.exp_avg`, `param_groups.<fqn>.lr`) that parallel.state uses too, so one
+    process and any parallel layout read and write the same checkpoint keys."""
 
     def __init__(self, modules: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> None:
         self.modules, self.optimizers = modules, optimizers
@@ -92,12 +94,12 @@ class OptimizerState(Stateful):
     def state_dict(self) -> dict[str, Any]:
         merged: dict[str, Any] = {}
         for module, optimizer in zip(self.modules, self.optimizers, strict=True):
-            merged.update(get_optimizer_state_dict(module, optimizer))
+            merged.update(get_optimizer_state_dict(module, optimizer, options=_flat()))
         return merged
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for module, optimizer in zip(self.modules, self.optimizers, strict=True):
-            set_optimizer_state_dict(module, optimizer, state_dict, options=_non_strict())
+            set_optimizer_state_dict(module, optimizer, state_dict, options=_flat())
 
 
 class SchedulerState(Stateful):
@@ -121,6 +123,12 @@ def _non_strict() -> Any:
 
     # A pipeline stage holds only some parameters of the full state dict.
     return StateDictOptions(strict=False)
+
+
+def _flat() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(strict=False, flatten_optimizer_state_dict=True)
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype) -> Any:
