@@ -158,6 +158,42 @@ class MemoryBreakdown:
     activations_bytes: int
     other_bytes: int
     host_bytes_per_node: int
+    gpu_total_bytes: int = 0
+    """The GPU's memory; the budget is this minus `reserved_bytes`."""
+    reserved_bytes: int = 0
+    """Kept free: the allocator fragmentation reserve plus the CUDA context (cuda only)."""
+    host_budget_bytes_per_node: int = 0
+    """Host RAM per node the plan may use (cluster.host_memory_gib minus the OS reserve)."""
+
+
+@dataclass(frozen=True)
+class PipelineRankMemory:
+    """Predicted bytes per GPU of one pipeline rank at its peak (planner/memory.py)."""
+
+    pp_rank: int
+    stages: tuple[int, ...]
+    """Global pipeline stages this rank runs."""
+    num_layers: int
+    params_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    """Saved activations of the in-flight micro-batches kept on the device (and the stage
+    inputs/outputs the pipeline keeps) at the peak."""
+    transient_bytes: int
+    """Working set at the peak: backward temporaries, re-materialised and prefetched
+    activations, gathered ZeRO-3 parameters, or the loss's logits chunk."""
+    buffers_bytes: int
+    """Pipeline receive buffers."""
+    peak_bytes: int
+    host_bytes: int
+    """Offloaded activation bytes of one GPU of this rank at its peak (host RAM)."""
+    staging_bytes: int = 0
+    """Host bytes for the asynchronous checkpoint snapshot of this GPU's states."""
+
+    @property
+    def other_bytes(self) -> int:
+        return self.transient_bytes + self.buffers_bytes
 
 
 @dataclass(frozen=True)
@@ -167,6 +203,18 @@ class TimeEstimate:
     step_seconds: float
     tokens_per_second: float
     mfu: float
+    compute_seconds: float = 0.0
+    """Forward + backward on the busiest pipeline rank, all micro-batches."""
+    recompute_seconds: float = 0.0
+    """Recomputation (token-wise, selective and full) on the busiest rank."""
+    exposed_transfer_seconds: float = 0.0
+    """Host<->device copies not hidden behind compute, busiest rank."""
+    exposed_comm_seconds: float = 0.0
+    """Communication not hidden behind compute (tp, sp, pp, ZeRO), busiest rank."""
+    bubble_seconds: float = 0.0
+    """Pipeline bubble."""
+    optimizer_seconds: float = 0.0
+    """Optimizer step and end-of-step ZeRO traffic not hidden."""
 
 
 @dataclass(frozen=True)
@@ -177,6 +225,10 @@ class SolverInfo:
     status: str
     solve_seconds: float
     candidates_evaluated: int
+    layouts_considered: int = 0
+    """Layouts enumerated; candidates_evaluated of them were solved as MILPs."""
+    mip_gap: float = 0.0
+    """Relative gap each MILP solve stopped at."""
 
 
 @dataclass(frozen=True)
@@ -191,6 +243,8 @@ class Plan:
     time: TimeEstimate
     solver: SolverInfo
     cluster: ClusterSummary | None = None
+    ranks: tuple[PipelineRankMemory, ...] = ()
+    """Predicted memory of every pipeline rank (memory holds the most loaded one)."""
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:

@@ -1,0 +1,136 @@
+"""Why no plan fits, and the smallest change that makes one fit (NoFeasiblePlan's message).
+
+The binding constraint is found by solving the MILP of the most promising layouts with the
+budget in question dropped and its use minimised instead ("needs X GiB per GPU at best").
+The suggested changes are verified by re-running a feasibility search on the changed config:
+more GPUs (doubling cluster.num_nodes), a shorter sequence (bisection on train.seq_len) and,
+when host RAM binds, the host RAM that suffices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+from configs.schema import Config
+from planner.costs import GIB
+from planner.milp import solve_layout, solver_name
+from planner.search import SearchOutcome, _candidates, search
+
+PROBE_SECONDS = 2.0
+"""Time limit of one feasibility probe."""
+EXPLAIN_SECONDS = 8.0
+"""Total time spent looking for suggestions."""
+TOP_LAYOUTS = 3
+"""Layouts (lowest memory bound first) whose minimal-memory MILP is solved."""
+
+
+def _feasible(cfg: Config) -> bool:
+    try:
+        return search(cfg, PROBE_SECONDS, 0.5, first_feasible=True).best is not None
+    except Exception:  # a changed config may have no executable layout at all
+        return False
+
+
+def _with(cfg: Config, **changes: dict) -> Config:
+    return dataclasses.replace(
+        cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) for k, v in changes.items()}
+    )
+
+
+def _more_gpus(cfg: Config, deadline: float) -> str | None:
+    nodes = cfg.cluster.num_nodes
+    for factor in (2, 4, 8, 16, 32, 64):
+        if time.perf_counter() > deadline:
+            return None
+        changed = _with(cfg, cluster={"num_nodes": nodes * factor})
+        if _feasible(changed):
+            gpus = changed.cluster.world_size
+            return f"{gpus} GPUs (cluster.num_nodes={nodes * factor})"
+    return None
+
+
+def _shorter_sequence(cfg: Config, deadline: float) -> str | None:
+    seq = cfg.train.seq_len
+    quantum = 1024 if seq >= 16384 else 64 if seq >= 256 else 1
+    lo, hi = 0, seq // quantum  # feasible at lo * quantum (0: unknown), infeasible at hi
+    if hi <= 1 or not _feasible(_with(cfg, train={"seq_len": quantum})):
+        return None
+    lo = 1
+    while hi - lo > 1 and time.perf_counter() < deadline:
+        mid = (lo + hi) // 2
+        if _feasible(_with(cfg, train={"seq_len": mid * quantum})):
+            lo = mid
+        else:
+            hi = mid
+    return f"train.seq_len<={lo * quantum}"
+
+
+def _min_use(cfg: Config, objective: str, deadline: float) -> float | None:
+    """Smallest per-GPU peak ("gpu") or host bytes per node ("host") over the layouts with
+    the lowest memory bounds."""
+    solver = solver_name(cfg.planner.solver)
+    candidates = sorted(_candidates(cfg), key=lambda c: c.memory_bound)[:TOP_LAYOUTS]
+    best = None
+    for cand in candidates:
+        remaining = deadline - time.perf_counter()
+        if remaining <= 0:
+            break
+        result = solve_layout(
+            cand.costs,
+            cand.stages,
+            cfg.model.num_layers,
+            solver,
+            min(remaining, PROBE_SECONDS),
+            0.01,
+            objective=objective,
+        )
+        if result.found:
+            best = result.objective if best is None else min(best, result.objective)
+    if best is None and objective == "gpu" and candidates:
+        return candidates[0].memory_bound
+    return best
+
+
+def explain_infeasible(cfg: Config, outcome: SearchOutcome) -> str:
+    """One line: what binds, how much is needed, and what would make a plan feasible."""
+    started = time.perf_counter()
+    deadline = started + EXPLAIN_SECONDS
+    candidates = _candidates(cfg)
+    budget = candidates[0].costs.budget_bytes
+    host_budget = candidates[0].costs.host_budget_bytes
+    if not outcome.complete:
+        return (
+            f"no plan found within planner.time_limit_seconds={cfg.planner.time_limit_seconds:g} "
+            f"({outcome.solved} of {outcome.considered} layouts solved); raise the limit"
+        )
+    gpu_need = _min_use(cfg, "gpu", deadline)
+    suggestions = []
+    if gpu_need is not None and gpu_need > budget:
+        head = (
+            f"needs {gpu_need / GIB:.1f} GiB per GPU at best; budget {budget / GIB:.1f} GiB "
+            f"(cluster.gpu_memory_gib={cfg.cluster.gpu_memory_gib:g} minus reserves)"
+        )
+    else:
+        host_need = _min_use(cfg, "host", deadline)
+        if host_need is None:
+            return (
+                f"no layout of {cfg.cluster.world_size} GPUs fits the GPU and host memory "
+                f"budgets together; try more GPUs or a shorter train.seq_len"
+            )
+        have = cfg.cluster.host_memory_gib
+        reserve = cfg.planner.host_reserve_fraction
+        needed_gib = math.ceil(host_need / GIB / (1.0 - reserve))
+        head = (
+            f"host RAM binds: needs {host_need / GIB:.1f} GiB per node at best; budget "
+            f"{host_budget / GIB:.1f} GiB (cluster.host_memory_gib={have:g} minus reserve)"
+        )
+        suggestions.append(f"cluster.host_memory_gib>={needed_gib}")
+    for finder in (_more_gpus, _shorter_sequence):
+        found = finder(cfg, deadline)
+        if found:
+            suggestions.append(found)
+    if suggestions:
+        return f"{head}; feasible with {' or '.join(suggestions)}"
+    return f"{head}; no tried change (up to 64x the GPUs, shorter sequences) makes it feasible"

@@ -1,0 +1,204 @@
+"""Which layouts the runtime can execute, and the enumeration the plan search walks.
+
+Rules (every emitted plan satisfies all of them; `layout_problems` names the first broken one):
+- world: dp x tp x pp x sp = cluster.num_nodes x cluster.gpus_per_node exactly.
+- tp <= gpus_per_node; tp divides num_heads, num_kv_heads and ffn_size.
+- sp divides num_heads / tp and train.seq_len; with k = num_kv_heads / tp kv heads per tp
+  rank, k % sp == 0 or sp % k == 0 (Ulysses splits the kv heads, or replicates them).
+- pp x virtual_stages <= num_layers (every stage holds at least one layer).
+- global_batch_size = dp x micro_batch_size x num_microbatches (train.micro_batch_size is
+  respected when set).
+- pp = 1 iff pp_schedule = "none"; pp > 1 needs num_microbatches >= pp.
+- gpipe and 1f1b use virtual_stages = 1; interleaved_1f1b and interleaved_zero_bubble use
+  virtual_stages >= 2; zbv_zero_bubble uses exactly 2; the three multi-stage schedules need
+  num_microbatches to be a multiple of pp.
+- zero_backend "deepspeed" only with tp = pp = sp = 1; otherwise "fsdp2".
+Mesh order (what the cost model assumes about which groups share a node): (pp, dp, sp, tp),
+tp innermost; ZeRO shards over the dp x sp ranks.
+"""
+
+from __future__ import annotations
+
+from configs.errors import ConfigError
+from configs.schema import ClusterConfig, ModelConfig, PlannerConfig, TrainConfig
+from planner.plan import Layout
+
+MULTI_STAGE = ("interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble")
+
+
+def divisors(n: int) -> list[int]:
+    """Positive divisors of n, ascending."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layout_problems(
+    layout: Layout, model: ModelConfig, cluster: ClusterConfig, train: TrainConfig
+) -> list[str]:
+    """Why the runtime cannot execute `layout` for this model/cluster/batch (empty: it can)."""
+    problems = []
+    tp, sp, pp, dp = layout.tp, layout.sp, layout.pp, layout.dp
+    v, g, schedule = layout.virtual_stages, layout.num_microbatches, layout.pp_schedule
+    if layout.world_size != cluster.world_size:
+        problems.append(
+            f"dp*tp*pp*sp={dp}*{tp}*{pp}*{sp}={layout.world_size} != "
+            f"num_nodes*gpus_per_node={cluster.world_size}"
+        )
+    if tp > cluster.gpus_per_node:
+        problems.append(f"tp={tp} exceeds gpus_per_node={cluster.gpus_per_node}")
+    for key in ("num_heads", "num_kv_heads", "ffn_size"):
+        if getattr(model, key) % tp:
+            problems.append(f"model.{key}={getattr(model, key)} not divisible by tp={tp}")
+    if not problems:
+        heads, kv = model.num_heads // tp, model.num_kv_heads // tp
+        if heads % sp:
+            problems.append(f"num_heads/tp={heads} not divisible by sp={sp}")
+        if kv % sp and sp % kv:
+            problems.append(f"num_kv_heads/tp={kv} and sp={sp}: neither divides the other")
+    if train.seq_len % sp:
+        problems.append(f"train.seq_len={train.seq_len} not divisible by sp={sp}")
+    if pp * v > model.num_layers:
+        problems.append(f"pp*virtual_stages={pp * v} exceeds num_layers={model.num_layers}")
+    if dp * layout.micro_batch_size * g != train.global_batch_size:
+        problems.append(
+            f"dp*micro_batch_size*num_microbatches={dp}*{layout.micro_batch_size}*{g} != "
+            f"global_batch_size={train.global_batch_size}"
+        )
+    if train.micro_batch_size is not None and layout.micro_batch_size != train.micro_batch_size:
+        problems.append(
+            f"micro_batch_size={layout.micro_batch_size} != "
+            f"train.micro_batch_size={train.micro_batch_size}"
+        )
+    if pp > 1 and g < pp:
+        problems.append(f"num_microbatches={g} < pp={pp}")
+    if schedule in ("none", "gpipe", "1f1b") and v != 1:
+        problems.append(f"pp_schedule={schedule} needs virtual_stages=1, got {v}")
+    if schedule in ("interleaved_1f1b", "interleaved_zero_bubble") and v < 2:
+        problems.append(f"pp_schedule={schedule} needs virtual_stages>=2, got {v}")
+    if schedule == "zbv_zero_bubble" and v != 2:
+        problems.append(f"pp_schedule=zbv_zero_bubble needs virtual_stages=2, got {v}")
+    if schedule in MULTI_STAGE and g % pp:
+        problems.append(f"pp_schedule={schedule} needs num_microbatches={g} divisible by pp={pp}")
+    if layout.zero_backend == "deepspeed" and (tp, pp, sp) != (1, 1, 1):
+        problems.append(f"zero_backend=deepspeed needs tp=pp=sp=1, got tp={tp} pp={pp} sp={sp}")
+    return problems
+
+
+def check_layout(
+    layout: Layout, model: ModelConfig, cluster: ClusterConfig, train: TrainConfig
+) -> None:
+    """Raise ConfigError naming the first rule `layout` breaks."""
+    problems = layout_problems(layout, model, cluster, train)
+    if problems:
+        raise ConfigError("layout", "; ".join(problems))
+
+
+def _schedules(pp: int, g: int, layers: int, planner: PlannerConfig) -> list[tuple[str, int]]:
+    """(schedule, virtual_stages) choices for pp ranks and g micro-batches."""
+    if pp == 1:
+        return [("none", 1)]
+    if g < pp:
+        return []
+    choices = []
+    for schedule in planner.pp_schedules:
+        if schedule in ("gpipe", "1f1b"):
+            choices.append((schedule, 1))
+        elif g % pp:
+            continue
+        elif schedule == "zbv_zero_bubble":
+            if 2 * pp <= layers:
+                choices.append((schedule, 2))
+        else:
+            top = min(planner.max_virtual_stages, layers // pp)
+            choices.extend((schedule, v) for v in range(2, top + 1))
+    return choices
+
+
+def _degrees(world: int, pinned: int | None) -> list[int]:
+    return [d for d in divisors(world) if pinned is None or d == pinned]
+
+
+def enumerate_layouts(
+    model: ModelConfig, cluster: ClusterConfig, train: TrainConfig, planner: PlannerConfig
+) -> list[Layout]:
+    """Every layout the planner may emit for this model, cluster and batch (deterministic
+    order). With one rank sharing the model states (dp x sp = 1) all ZeRO stages are the
+    same, so only the lowest allowed one is listed."""
+    world = cluster.world_size
+    layouts = []
+    for tp in _degrees(world, planner.tp):
+        if tp > cluster.gpus_per_node or any(
+            getattr(model, key) % tp for key in ("num_heads", "num_kv_heads", "ffn_size")
+        ):
+            continue
+        heads, kv = model.num_heads // tp, model.num_kv_heads // tp
+        for sp in _degrees(world // tp, planner.sp):
+            if heads % sp or train.seq_len % sp or (kv % sp and sp % kv):
+                continue
+            for pp in _degrees(world // (tp * sp), planner.pp):
+                dp = world // (tp * sp * pp)
+                if pp > model.num_layers or train.global_batch_size % dp:
+                    continue
+                if planner.dp is not None and dp != planner.dp:
+                    continue
+                per_rank = train.global_batch_size // dp
+                if train.micro_batch_size is not None:
+                    sizes = (
+                        [train.micro_batch_size] if per_rank % train.micro_batch_size == 0 else []
+                    )
+                else:
+                    sizes = [m for m in divisors(per_rank) if m <= planner.max_micro_batch_size]
+                zero_stages = sorted(set(planner.zero_stages))
+                if dp * sp == 1:
+                    zero_stages = zero_stages[:1]
+                backends = _backends(planner.zero_backend, tp, pp, sp)
+                for mb in sizes:
+                    g = per_rank // mb
+                    for schedule, v in _schedules(pp, g, model.num_layers, planner):
+                        for zero in zero_stages:
+                            layouts.extend(
+                                Layout(
+                                    dp=dp,
+                                    tp=tp,
+                                    pp=pp,
+                                    sp=sp,
+                                    zero_stage=zero,
+                                    micro_batch_size=mb,
+                                    num_microbatches=g,
+                                    pp_schedule=schedule,
+                                    zero_backend=backend,
+                                    virtual_stages=v,
+                                )
+                                for backend in backends
+                            )
+    return layouts
+
+
+def _backends(choice: str, tp: int, pp: int, sp: int) -> list[str]:
+    if choice == "deepspeed":
+        return ["deepspeed"] if (tp, pp, sp) == (1, 1, 1) else []
+    return ["fsdp2"]
+
+
+def explain_no_layout(
+    model: ModelConfig, cluster: ClusterConfig, train: TrainConfig, planner: PlannerConfig
+) -> ConfigError:
+    """The ConfigError for a search space with no executable layout at all."""
+    world = cluster.world_size
+    if train.micro_batch_size is not None and all(
+        (train.global_batch_size // d) % train.micro_batch_size or train.global_batch_size % d
+        for d in divisors(world)
+    ):
+        return ConfigError(
+            "train.micro_batch_size",
+            f"{train.micro_batch_size} does not divide global_batch_size="
+            f"{train.global_batch_size} / dp for any dp dividing {world} GPUs",
+        )
+    pins = {k: getattr(planner, k) for k in ("dp", "tp", "pp", "sp") if getattr(planner, k)}
+    pinned = f" with {', '.join(f'planner.{k}={v}' for k, v in pins.items())}" if pins else ""
+    return ConfigError(
+        "cluster",
+        f"no layout of {world} GPUs{pinned} fits model {model.name} "
+        f"(heads={model.num_heads}, kv_heads={model.num_kv_heads}, layers={model.num_layers}), "
+        f"seq_len={train.seq_len} and global_batch_size={train.global_batch_size}; "
+        "see planner/layouts.py for the rules",
+    )

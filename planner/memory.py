@@ -1,0 +1,166 @@
+"""Predicted memory of a GIVEN plan: per pipeline rank (GPU) and per node (host RAM).
+
+The same cost coefficients as the MILP (planner/costs.py), evaluated layer by layer with the
+exact token rounding the runtime uses (planner/activations.py). `memplan profile` compares
+these numbers with measurements.
+
+Peak of one GPU of pp rank p = model states + max over the schedule's in-flight vectors t
+(planner/schedules.py) of [ sum over p's stages c of t_c x (device-resident saved bytes of
+c's layers + RoPE tables + first/last-stage extras + pipeline stage input/output)
++ pipeline buffers + transient working set ].
+"""
+
+from __future__ import annotations
+
+from configs.schema import Config
+from planner.activations import LayerActivationBytes, LayerShape, layer_activation_bytes
+from planner.costs import LayoutCosts, costs_for, dtype_bytes
+from planner.params import model_state_bytes
+from planner.plan import LayerPlan, PipelineRankMemory, Plan
+from planner.schedules import StageMap
+
+
+def stage_layers(plan: Plan) -> list[list[LayerPlan]]:
+    """The plan's layers grouped by global pipeline stage."""
+    groups: list[list[LayerPlan]] = [[] for _ in range(plan.layout.num_stages)]
+    for layer in plan.layers:
+        groups[layer.stage].append(layer)
+    return groups
+
+
+def predict_layer_activation_bytes(plan: Plan, cfg: Config) -> list[LayerActivationBytes]:
+    """Device, host and recomputed saved bytes of every layer for ONE micro-batch on one
+    rank (what a saved-tensor ledger measures per layer)."""
+    lay = plan.layout
+    shape = LayerShape.of(cfg.model, dtype_bytes(plan.train.dtype), lay.tp, lay.sp)
+    seq_local = cfg.train.seq_len // lay.sp
+    return [
+        layer_activation_bytes(shape, lay.micro_batch_size, seq_local, layer)
+        for layer in plan.layers
+    ]
+
+
+def _stage_constant_bytes(costs: LayoutCosts, c: int, num_stages: int) -> float:
+    last = num_stages - 1
+    boundary = (c > 0) + (c < last) if costs.layout.pp > 1 else 0
+    saved = costs.chunk_saved_bytes + boundary * costs.boundary_bytes
+    saved += costs.first.saved_bytes if c == 0 else 0
+    saved += costs.last.saved_bytes if c == last else 0
+    return saved
+
+
+def rank_params(costs: LayoutCosts, stages: StageMap, groups: list[list[LayerPlan]], p: int) -> int:
+    """Parameters held by one GPU of pp rank p (its tp shard of its stages)."""
+    last = stages.num_stages - 1
+    total = 0
+    for c in stages.rank_stages[p]:
+        total += costs.layer_params * len(groups[c])
+        total += costs.first.params if c == 0 else 0
+        total += costs.last.params if c == last else 0
+    return total
+
+
+def _rematerialises(layers: list[LayerPlan]) -> bool:
+    return any(
+        layer.recompute != "none"
+        or layer.offload_fraction
+        or layer.recompute_fraction
+        or layer.anchor_offload_fraction
+        for layer in layers
+    )
+
+
+def prefetch_bytes(costs: LayoutCosts, layers: list[LayerPlan]) -> float:
+    """Bound on one layer's offloaded tensors fetched ahead during a backward: the largest,
+    over the recompute modes that offload, of whole anchors and whole token-local tensors."""
+    best = 0.0
+    for mode, cost in costs.modes.items():
+        group = [layer for layer in layers if layer.recompute == mode]
+        anchors = any(layer.anchor_offload_fraction for layer in group)
+        local = any(layer.offload_fraction for layer in group)
+        best = max(best, cost.anchor_bytes * anchors + cost.local_bytes * local)
+    return best
+
+
+def predict_stage_memory(plan: Plan, cfg: Config) -> list[PipelineRankMemory]:
+    """Predicted peak memory of one GPU of every pipeline rank, with its breakdown."""
+    lay = plan.layout
+    costs = costs_for(cfg, lay)
+    stages = StageMap.of(lay, cfg.cluster.gpus_per_node)
+    groups = stage_layers(plan)
+    per_layer = predict_layer_activation_bytes(plan, cfg)
+    device = [sum(per_layer[layer.index].device_bytes for layer in g) for g in groups]
+    host = [sum(per_layer[layer.index].host_bytes for layer in g) for g in groups]
+    last = stages.num_stages - 1
+    shard = lay.dp * lay.sp
+    result = []
+    for p, chunk_list in enumerate(stages.rank_stages):
+        psi = rank_params(costs, stages, groups, p)
+        states = model_state_bytes(psi, shard, lay.zero_stage, costs.dtype)
+        buffers = 2 * costs.boundary_bytes if lay.pp > 1 else 0.0
+        mine = [layer for c in chunk_list for layer in groups[c]]
+        phases = [
+            costs.workspace_bytes
+            + costs.zero_layer_transient_bytes
+            + (costs.full_layer_bytes if _rematerialises(mine) else 0.0)
+            + prefetch_bytes(costs, mine)
+        ]
+        if last in chunk_list:
+            phases.append(costs.loss_transient_bytes + costs.zero_output_transient_bytes)
+        best = (-1.0, 0.0, 0.0)
+        host_peak = 0.0
+        for vec in stages.inflight[p]:
+            act = sum(
+                count * (device[c] + _stage_constant_bytes(costs, c, stages.num_stages))
+                for count, c in zip(vec, chunk_list, strict=True)
+            )
+            offloaded = sum(count * host[c] for count, c in zip(vec, chunk_list, strict=True))
+            host_peak = max(host_peak, offloaded)
+            for transient in phases:
+                total = act + transient
+                if total > best[0]:
+                    best = (total, act, transient)
+        _, act, transient = best
+        staging = round(costs.staging_bytes_per_param * psi)
+        peak = states.total + act + buffers + transient
+        result.append(
+            PipelineRankMemory(
+                pp_rank=p,
+                stages=chunk_list,
+                num_layers=sum(len(groups[c]) for c in chunk_list),
+                params_bytes=states.params,
+                grads_bytes=states.grads,
+                optimizer_bytes=states.optimizer,
+                activations_bytes=round(act),
+                transient_bytes=round(transient),
+                buffers_bytes=round(buffers),
+                peak_bytes=round(peak),
+                host_bytes=round(host_peak),
+                staging_bytes=staging,
+            )
+        )
+    return result
+
+
+def predict_host_bytes_per_node(plan: Plan, cfg: Config, ranks: list[PipelineRankMemory]) -> int:
+    """Host RAM of the most loaded node: offloaded activations + checkpoint staging of its
+    GPUs (mesh order pp, dp, sp, tp: a node holds consecutive ranks)."""
+    stages = StageMap.of(plan.layout, cfg.cluster.gpus_per_node)
+    return max(
+        sum(count * (ranks[p].host_bytes + ranks[p].staging_bytes) for p, count in enumerate(gpus))
+        for gpus in stages.node_gpus
+    )
+
+
+def zero_table_bytes(num_params: int, dp: int, zero_stage: int, dtype: str = "bf16") -> int:
+    """Model-state bytes per GPU for a dense model on dp ranks (the ZeRO paper's table)."""
+    return model_state_bytes(num_params, dp, zero_stage, dtype).total
+
+
+__all__ = [
+    "predict_host_bytes_per_node",
+    "predict_layer_activation_bytes",
+    "predict_stage_memory",
+    "stage_layers",
+    "zero_table_bytes",
+]

@@ -1,0 +1,123 @@
+"""Parameter counts (analytic, exactly the parameters framework/model.py creates) and
+model-state bytes per GPU under ZeRO.
+
+Layer parameters (H hidden, F ffn, q = heads * head_dim, kv = kv_heads * head_dim):
+
+    attention_norm, ffn_norm        2H            replicated over tp
+    wq, wk, wv                      H (q + 2kv)   (+ q + 2kv bias with qkv_bias)  column-split
+    wo                              q H           (+ H bias with out_bias, replicated) row-split
+    w1, w3, w2                      3 H F         column/row-split
+
+Outside the layers: the embedding V H (first pipeline stage), the final norm H and the output
+projection V H (last stage; absent with tied embeddings, where the last stage holds its own
+copy of the embedding when pp > 1). Tensor parallelism splits the decoder layers' linears
+(Megatron column/row) and replicates norms, embedding and output projection; ZeRO shards
+whatever a rank holds over its dp x sp ranks (they all see different tokens and reduce
+gradients together).
+
+Model states per GPU (Psi parameters on that GPU, Nd = dp x sp ranks sharing them):
+
+    bf16 mixed precision (K = 12): params 2 Psi, grads 2 Psi, fp32 master + Adam m, v 12 Psi
+    fp32 (cluster.device=cpu):     params 4 Psi, grads 4 Psi, Adam m, v 8 Psi (no master copy)
+
+ZeRO-1 shards the optimizer state, ZeRO-2 also the gradients, ZeRO-3 also the parameters:
+16 Psi, 4 Psi + 12 Psi/Nd, 2 Psi + 14 Psi/Nd, 16 Psi/Nd for both dtypes' totals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from configs.schema import ModelConfig
+
+
+@dataclass(frozen=True)
+class StateBytesPerParam:
+    """Bytes per parameter of each model state for one training dtype."""
+
+    params: int
+    grads: int
+    optimizer: int
+
+    @staticmethod
+    def of(dtype: str) -> StateBytesPerParam:
+        """bf16: 2 + 2 + 12 (fp32 master, m, v); fp32: 4 + 4 + 8 (m, v)."""
+        if dtype == "bf16":
+            return StateBytesPerParam(params=2, grads=2, optimizer=12)
+        if dtype == "fp32":
+            return StateBytesPerParam(params=4, grads=4, optimizer=8)
+        raise ValueError(f"dtype={dtype!r}; allowed: bf16, fp32")
+
+
+@dataclass(frozen=True)
+class ModelStateBytes:
+    """Parameter, gradient and optimizer-state bytes on one GPU."""
+
+    params: int
+    grads: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+
+def _shard(count: int, ranks: int) -> int:
+    return -(-count // ranks)  # ceil: the last rank's shard is padded
+
+
+def model_state_bytes(
+    num_params: int, shard_ranks: int, zero_stage: int, dtype: str
+) -> ModelStateBytes:
+    """Model states of `num_params` parameters held by one GPU under ZeRO-`zero_stage`,
+    sharded over `shard_ranks` ranks (the ZeRO paper's Nd)."""
+    per = StateBytesPerParam.of(dtype)
+    shard = _shard(num_params, shard_ranks)
+    return ModelStateBytes(
+        params=per.params * (shard if zero_stage >= 3 else num_params),
+        grads=per.grads * (shard if zero_stage >= 2 else num_params),
+        optimizer=per.optimizer * (shard if zero_stage >= 1 else num_params),
+    )
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameters of the model's parts on one tensor-parallel rank."""
+
+    layer: int
+    """One decoder layer (its tp shard)."""
+    layer_matmul: int
+    """The matmul weights of one decoder layer's tp shard (FLOPs and weight gradients)."""
+    embedding: int
+    """Token embedding (first stage)."""
+    final_norm: int
+    """Final RMSNorm (last stage)."""
+    output: int
+    """Output projection (last stage); the embedding's size when tied and pp > 1."""
+
+
+def param_counts(model: ModelConfig, tp: int = 1, pp: int = 1) -> ParamCounts:
+    """Exact parameter counts per part on one rank of a tp group (tp divides the widths)."""
+    hidden, ffn = model.hidden_size, model.ffn_size
+    q_width = model.num_heads * model.resolved_head_dim
+    kv_width = model.num_kv_heads * model.resolved_head_dim
+    qkv = hidden * (q_width + 2 * kv_width) + (q_width + 2 * kv_width if model.qkv_bias else 0)
+    matmul = hidden * (q_width + 2 * kv_width) + q_width * hidden + 3 * hidden * ffn
+    split = qkv + q_width * hidden + 3 * hidden * ffn
+    replicated = 2 * hidden + (hidden if model.out_bias else 0)
+    embedding = model.vocab_size * hidden
+    # tied: the output projection is the embedding, a second copy only on a separate stage
+    output = (embedding if pp > 1 else 0) if model.tie_embeddings else embedding
+    return ParamCounts(
+        layer=split // tp + replicated,
+        layer_matmul=matmul // tp,
+        embedding=embedding,
+        final_norm=hidden,
+        output=output,
+    )
+
+
+def total_params(model: ModelConfig) -> int:
+    """Parameters of the whole model (a tied embedding counted once)."""
+    counts = param_counts(model)
+    return model.num_layers * counts.layer + counts.embedding + counts.final_norm + counts.output
