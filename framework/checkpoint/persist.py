@@ -16,6 +16,7 @@ import shutil
 import threading
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -86,34 +87,59 @@ def describe(exc: BaseException) -> str:
 
 
 class _RecordingStream:
-    """A DCP output stream that remembers the OS errors its writes hit."""
+    """A DCP output stream that checksums what passes through it (so files need not be read
+    back) and remembers the OS errors its writes hit."""
 
     def __init__(self, stream: Any, errors: list[OSError]) -> None:
         self._stream, self._errors = stream, errors
+        self.crc, self.size, self.sequential = 0, 0, True
 
     def write(self, data: Any) -> int:
         try:
-            return self._stream.write(data)
+            written = self._stream.write(data)
         except OSError as exc:
             self._errors.append(exc)
             raise
+        view = memoryview(data).cast("B")
+        self.crc = zlib.crc32(view[:written] if written is not None else view, self.crc)
+        self.size += len(view) if written is None else written
+        return written
+
+    def seek(self, *args: Any) -> int:
+        self.sequential = False  # the running CRC no longer describes the file
+        return self._stream.seek(*args)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
 
 
 class _RecordingFileSystem(FileSystem):
-    """DCP's file system, keeping the first OS error of a write: torch.save turns a failed
-    write into an opaque zip-writer error ("unexpected pos ..."), losing e.g. ENOSPC."""
+    """DCP's file system, keeping a CRC32 of every file written sequentially and the first OS
+    error of a write: torch.save turns a failed write into an opaque zip-writer error
+    ("unexpected pos ..."), losing e.g. ENOSPC."""
 
     def __init__(self) -> None:
         super().__init__()
         self.errors: list[OSError] = []
+        self.records: dict[str, FileRecord] = {}
 
     @contextmanager
     def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[Any]:
+        if "w" not in mode:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
         with super().create_stream(path, mode) as stream:
-            yield _RecordingStream(stream, self.errors) if "w" in mode else stream
+            recording = _RecordingStream(stream, self.errors)
+            yield recording
+        if recording.sequential and os.path.getsize(path) == recording.size:
+            self.records[Path(path).name] = FileRecord(recording.size, f"{recording.crc:08x}")
+
+    def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
+        super().rename(path, new_path)
+        record = self.records.pop(Path(path).name, None)
+        if record is not None:
+            self.records[Path(new_path).name] = record
 
 
 @dataclass
@@ -144,11 +170,14 @@ class PersistOutcome:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def _own_records(tmp: Path, rank: int, names: list[str]) -> dict[str, FileRecord]:
+def _own_records(
+    tmp: Path, rank: int, names: list[str], known: dict[str, FileRecord]
+) -> dict[str, FileRecord]:
     # DCP names this rank's data files __<rank>_<n>.distcp; rank 0 later adds whatever
     # nobody claimed (e.g. .metadata), so every file is covered whatever DCP names them.
+    # Files checksummed while written are not read back.
     own = set(names) | {p.name for p in tmp.glob(f"__{rank}_*")}
-    return {name: checksum_file(tmp / name) for name in sorted(own)}
+    return {name: known.get(name) or checksum_file(tmp / name) for name in sorted(own)}
 
 
 def persist(job: PersistJob, root: Path, keep: int, comm: Collectives) -> PersistOutcome:
@@ -173,9 +202,11 @@ def persist(job: PersistJob, root: Path, keep: int, comm: Collectives) -> Persis
         return failed(error, None)
 
     # [2] every rank writes its own files and waits for its snapshot to be complete
+    known: dict[str, FileRecord] = {}
     try:
         for name, data in job.files.items():
             write_durably(tmp / name, data)
+            known[name] = FileRecord(len(data), f"{zlib.crc32(data):08x}")
         job.ready()
     except Exception as exc:
         error = f"rank {rank}: {describe(exc)}"
@@ -194,7 +225,8 @@ def persist(job: PersistJob, root: Path, keep: int, comm: Collectives) -> Persis
             process_group=comm.group,
             no_dist=comm.group is None,
         )
-        records = _own_records(tmp, rank, list(job.files))
+        known.update(file_system.records)
+        records = _own_records(tmp, rank, list(job.files), known)
     except (Exception, CheckpointException) as exc:
         local_failure = bool(file_system.errors) or not isinstance(exc, CheckpointException)
         error = describe(file_system.errors[0] if file_system.errors else exc)
@@ -214,7 +246,7 @@ def persist(job: PersistJob, root: Path, keep: int, comm: Collectives) -> Persis
             for rank_records, _, _ in gathered:
                 merged.update(rank_records)
             for extra in sorted(p.name for p in tmp.iterdir() if p.name not in merged):
-                merged[extra] = checksum_file(tmp / extra)
+                merged[extra] = known.get(extra) or checksum_file(tmp / extra)
             path = commit(tmp, root, job.step, comm.world_size, merged)
         except OSError as exc:
             error = f"rank 0: {describe(exc)}"
