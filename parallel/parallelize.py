@@ -11,8 +11,11 @@ the optimizer (parallel.zero, parallel.deepspeed_runtime).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from framework.logs import log_rank0
 from offload import ActivationRuntime, apply_activation_policy
 from parallel.dims import ParallelMesh
 from parallel.stage_model import StageModel
@@ -20,6 +23,11 @@ from parallel.tensor_parallel import apply_tensor_parallel
 from parallel.ulysses import apply_ulysses
 from parallel.zero import apply_fsdp
 from planner.plan import LayerPlan, Plan
+
+logger = logging.getLogger(__name__)
+
+# Schedules that split backward into input- and weight-gradient passes.
+WEIGHT_SPLIT_SCHEDULES = ("interleaved_zero_bubble", "zbv_zero_bubble")
 
 
 def parallelize(
@@ -36,7 +44,27 @@ def parallelize(
     apply_activation_policies(model, plan.layers, activation_runtime, layout.sp)
     if layout.zero_stage >= 2:
         extra = ("loss",) if model.is_last else ()
-        apply_fsdp(model, mesh.dp_sp, layout.zero_stage, param_dtype, extra)
+        apply_fsdp(model, mesh.dp_sp, reshards_after_forward(plan), param_dtype, extra)
+
+
+def reshards_after_forward(plan: Plan) -> bool:
+    """ZeRO-3 re-gathers parameters for backward, except under the zero-bubble schedules:
+    their weight-gradient pass (torch.distributed.pipelining) runs after later micro-batches'
+    forwards, and FSDP resharding in between gives wrong weight gradients (measured here,
+    torch 2.13; torchtitan never reshards after forward under pipelining). There parameters
+    stay gathered from forward until the step's gradients are reduced: ZeRO-2 behaviour
+    within the step, sharded between steps as with ZeRO-3."""
+    layout = plan.layout
+    if layout.zero_stage != 3:
+        return False
+    if layout.pp_schedule in WEIGHT_SPLIT_SCHEDULES:
+        log_rank0(
+            logger,
+            f"zero_stage=3 with pp_schedule={layout.pp_schedule}: parameters stay gathered "
+            "from forward to the weight-gradient pass (ZeRO-2 within the step)",
+        )
+        return False
+    return True
 
 
 def apply_activation_policies(

@@ -32,26 +32,25 @@ BUCKET_BYTES = 25 * 2**20  # gradient all-reduce bucket (DDP's default size)
 def apply_fsdp(
     model: nn.Module,
     mesh: DeviceMesh,
-    zero_stage: int,
+    reshard_after_forward: bool,
     param_dtype: torch.dtype,
     extra_forward_methods: tuple[str, ...] = (),
 ) -> None:
     """fully_shard each decoder layer, then the root (embedding, final norm, output).
 
-    zero_stage 3 reshards after forward, 2 keeps parameters gathered until backward.
+    reshard_after_forward: True for ZeRO-3 (re-gather for backward), False for ZeRO-2.
     extra_forward_methods: root methods that use root parameters outside forward (the loss),
     so FSDP gathers them around those calls too.
     """
-    if zero_stage not in (2, 3):
-        raise ValueError(f"FSDP2 implements ZeRO stages 2 and 3, got zero_stage={zero_stage}")
     mp_policy = MixedPrecisionPolicy(
         param_dtype=None if param_dtype == torch.float32 else param_dtype,
         reduce_dtype=torch.float32,
     )
-    reshard = zero_stage == 3
     for layer in model.layers.values():
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp_policy)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp_policy)
+        fully_shard(
+            layer, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy
+        )
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
     for name in extra_forward_methods:
         register_fsdp_forward_method(model, name)
 

@@ -14,6 +14,7 @@ checkpointable model state, so FQN keys and the tied-embedding copy are checked 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from datetime import timedelta
@@ -32,7 +33,7 @@ from framework.trainer import build_runtime
 from launch.compose import load_resolved
 from planner.plan import Plan
 
-Reference = tuple[list[float], list[float], dict[str, torch.Tensor]]
+Reference = tuple[list[float], list[float], dict[str, torch.Tensor], float]
 
 
 def loader_for(cfg: Config, dp_rank: int, dp_size: int) -> TokenLoader:
@@ -48,8 +49,10 @@ def loader_for(cfg: Config, dp_rank: int, dp_size: int) -> TokenLoader:
 
 
 def reference(cfg: Config) -> Reference:
-    """One process, the whole batch in one micro-batch: losses, grad norms, parameters."""
+    """One process, the whole batch in one micro-batch: losses, grad norms, final parameters
+    and the largest change of any parameter entry (what a wrong layout would miss)."""
     model = materialize(build_model(cfg.model), "cpu", cfg.train.seed)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     runtime = LocalRuntime(
         model, cfg.train, cfg.train.global_batch_size, torch.device("cpu"), torch.float32
     )
@@ -59,7 +62,9 @@ def reference(cfg: Config) -> Reference:
         out = runtime.train_step(*loader.next_batch())
         losses.append(float(out.loss))
         norms.append(float(out.grad_norm))
-    return losses, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    final = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    update = max(float((final[k] - initial[k]).abs().max()) for k in final)
+    return losses, norms, final, update
 
 
 def run_case(case: Path, ctx: DistContext, references: dict[str, Reference]) -> dict:
@@ -68,7 +73,7 @@ def run_case(case: Path, ctx: DistContext, references: dict[str, Reference]) -> 
     key = json.dumps([cfg.model.__dict__, cfg.train.__dict__], sort_keys=True, default=str)
     if key not in references:
         references[key] = reference(cfg)
-    ref_losses, ref_norms, ref_params = references[key]
+    ref_losses, ref_norms, ref_params, ref_update = references[key]
 
     start = time.perf_counter()
     runtime = build_runtime(cfg, plan, torch.device("cpu"), torch.float32, ctx)
@@ -102,6 +107,7 @@ def run_case(case: Path, ctx: DistContext, references: dict[str, Reference]) -> 
         "grad_norms": norms,
         "ref_grad_norms": ref_norms,
         "max_param_diff": float(worst[0]),
+        "ref_max_update": ref_update,
         "unknown_keys": int(worst[1]),
         "missing_keys": missing,
         "seconds": time.perf_counter() - start,
@@ -109,6 +115,8 @@ def run_case(case: Path, ctx: DistContext, references: dict[str, Reference]) -> 
 
 
 def main(cases_dir: Path, out: Path) -> int:
+    # full_tensor() of FSDP x TP parameters warns about its two all-gathers: expected here
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     dist.init_process_group("gloo", timeout=timedelta(seconds=180))
     ctx = DistContext(dist.get_rank(), dist.get_world_size(), dist.get_rank())
     results, references = {}, {}
@@ -117,9 +125,9 @@ def main(cases_dir: Path, out: Path) -> int:
             results[case.name] = run_case(case, ctx, references)
             if ctx.rank == 0:
                 r = results[case.name]
+                pairs = zip(r["losses"], r["ref_losses"], strict=True)
                 print(
-                    f"{case.name}: loss diff "
-                    f"{max(abs(a - b) for a, b in zip(r['losses'], r['ref_losses'], strict=True)):.3g}"
+                    f"{case.name}: loss diff {max(abs(a - b) for a, b in pairs):.3g}"
                     f" param diff {r['max_param_diff']:.3g} ({r['seconds']:.1f} s)",
                     flush=True,
                 )

@@ -1,14 +1,25 @@
-"""The layout table shared by the distributed tests: (name, world size, layout fields,
-config overrides, activation policy), all on the tiny model, fp32 on CPU."""
+"""The layouts the distributed tests run, all on the tiny model, fp32 on CPU:
+
+- CASES: the issue's table (name, world size, layout fields, config overrides, activation
+  policy), five steps each;
+- planner_kind_cases(): small instances covering every kind of layout the planner can emit
+  for 2 and 4 ranks (planner.layouts.enumerate_layouts), two steps each;
+- run_worker(): one torchrun of layout_worker.py over many cases of one world size.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import functools
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from configs.schema import Config
 from launch.compose import compose_config, dump_resolved
-from planner.plan import LayerPlan, Plan
+from planner.plan import LayerPlan, Layout, Plan
 from tests.plans import manual_plan
 
 STEPS = 5
@@ -34,13 +45,18 @@ class Case:
     policy: str = "none"
     """"none", "offload" (token-wise offload + recompute) or "recompute" (full/selective)."""
     micro_batch_size: int | None = None
-    tags: tuple[str, ...] = field(default=())
+    cli: bool = True
+    """Also run through `memplan train` (the issue's table and the one-rank runs); the
+    extra combinations run in the layout worker only, to keep the suite short."""
 
     def overrides_for_cli(self) -> list[str]:
         return [*BASE_OVERRIDES, f"cluster.gpus_per_node={self.world}", *self.overrides]
 
+    def config(self) -> Config:
+        return _compose(tuple(self.overrides_for_cli()))
+
     def plan(self) -> Plan:
-        cfg = compose_config(self.overrides_for_cli())
+        cfg = self.config()
         plan = manual_plan(cfg, micro_batch_size=self.micro_batch_size, **self.layout)
         if self.policy == "none":
             return plan
@@ -50,11 +66,14 @@ class Case:
     def write(self, directory: Path) -> Path:
         """A run directory as `memplan train` writes it: resolved.yaml + plan.json."""
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "resolved.yaml").write_text(
-            dump_resolved(compose_config(self.overrides_for_cli()))
-        )
+        (directory / "resolved.yaml").write_text(dump_resolved(self.config()))
         self.plan().write(directory / "plan.json")
         return directory
+
+
+@functools.cache
+def _compose(overrides: tuple[str, ...]) -> Config:
+    return compose_config(list(overrides))
 
 
 def _policy(layer: LayerPlan, kind: str) -> LayerPlan:
@@ -74,9 +93,9 @@ TIED = ("model.tie_embeddings=true",)
 
 CASES = [
     *(
-        Case(f"dp2_zero{stage}_{backend}", 2, {"dp": 2, "zero_stage": stage, "zero_backend": backend})
+        Case(f"dp2_zero{z}_{backend}", 2, {"dp": 2, "zero_stage": z, "zero_backend": backend})
         for backend in ("fsdp2", "deepspeed")
-        for stage in (0, 1, 2, 3)
+        for z in (0, 1, 2, 3)
     ),
     Case("pp2_gpipe", 2, _pp("gpipe"), micro_batch_size=2),
     Case("pp2_1f1b", 2, _pp("1f1b"), micro_batch_size=2),
@@ -88,13 +107,92 @@ CASES = [
     Case("sp2_offload", 2, {"sp": 2}, policy="offload", micro_batch_size=4),
     Case("pp2_1f1b_recompute", 2, _pp("1f1b"), policy="recompute", micro_batch_size=2),
     # tied embeddings: the last stage's copy on the other pp rank, and on the same one (V)
-    Case("pp2_1f1b_tied_zero3", 2, _pp("1f1b", zero_stage=3), TIED, micro_batch_size=2),
-    Case("pp2_zbv_tied", 2, _pp("zbv_zero_bubble", 2), TIED, micro_batch_size=2),
+    Case("pp2_1f1b_tied_zero3", 2, _pp("1f1b", zero_stage=3), TIED, micro_batch_size=2, cli=False),
+    Case("pp2_zbv_tied", 2, _pp("zbv_zero_bubble", 2), TIED, micro_batch_size=2, cli=False),
     Case("dp2_pp2_zero3", 4, {"dp": 2, **_pp("1f1b", zero_stage=3)}, micro_batch_size=2),
     Case("dp2_pp2_zero1_interleaved", 4, {"dp": 2, **_pp("interleaved_1f1b", 2, zero_stage=1)},
-         micro_batch_size=2),
+         micro_batch_size=2, cli=False),
     Case("dp2_sp2_zero2", 4, {"dp": 2, "sp": 2, "zero_stage": 2}, micro_batch_size=2),
     # kv heads per tp rank (1) < sp (2): Ulysses replicates kv heads; FSDP x TP is 2-D
-    Case("tp2_sp2_zero3", 4, {"tp": 2, "sp": 2, "zero_stage": 3}, micro_batch_size=4),
-    Case("sp4", 4, {"sp": 4}, micro_batch_size=8),
+    Case("tp2_sp2_zero3", 4, {"tp": 2, "sp": 2, "zero_stage": 3}, micro_batch_size=4, cli=False),
+    Case("sp4", 4, {"sp": 4}, micro_batch_size=8, cli=False),
+    # one rank under torchrun: FSDP2 and DeepSpeed (what a single-GPU benchmark runs)
+    Case("dp1_zero3_fsdp2", 1, {"zero_stage": 3}, micro_batch_size=4),
+    Case("dp1_zero2_deepspeed", 1, {"zero_stage": 2, "zero_backend": "deepspeed"},
+         micro_batch_size=4),
 ]  # fmt: skip
+
+
+PLANNER_STEPS = 2
+
+
+def layout_features(layout: Layout) -> tuple[str, str, str]:
+    """What selects code paths: the degrees > 1; how model states are replicated or sharded
+    (ZeRO stage and backend, moot with one rank per replica group); the schedule."""
+    degrees = [
+        f"{d}{getattr(layout, d)}" for d in ("dp", "tp", "pp", "sp") if getattr(layout, d) > 1
+    ]
+    zero = f"zero{layout.zero_stage}" if layout.dp * layout.sp > 1 else "nozero"
+    schedule = "nopp" if layout.pp == 1 else f"{layout.pp_schedule}_v{layout.virtual_stages}"
+    return "x".join(degrees), f"{zero}_{layout.zero_backend}", schedule
+
+
+def _pairs(features: tuple[str, str, str]) -> set[tuple[str, str]]:
+    degrees, zero, schedule = features
+    return {(degrees, zero), (degrees, schedule), (zero, schedule)}
+
+
+def planner_kind_cases(worlds: tuple[int, ...] = (2, 4)) -> list[Case]:
+    """Layouts the planner enumerates (both ZeRO backends), picked greedily until every pair
+    of (degrees, ZeRO, schedule) values that the planner can emit runs at least once, the
+    table's CASES counting as already run. Two steps each."""
+    from planner.layouts import enumerate_layouts
+
+    covered = set().union(*(_pairs(layout_features(c.plan().layout)) for c in CASES))
+    chosen = []
+    for world in worlds:
+        # a short warm-up, so that two steps move the parameters about as much as five of the
+        # table (lr 3e-3 x 1/4, 2/4 vs 1/20 ... 5/20)
+        overrides = (f"train.steps={PLANNER_STEPS}", "train.warmup_steps=4")
+        cfg = _compose((*BASE_OVERRIDES, f"cluster.gpus_per_node={world}", *overrides))
+        candidates = []
+        for backend in ("auto", "deepspeed"):
+            planner = dataclasses.replace(cfg.planner, zero_backend=backend)
+            candidates += enumerate_layouts(cfg.model, cfg.cluster, cfg.train, planner)
+        while True:
+            best = max(
+                candidates,
+                key=lambda x: (len(_pairs(layout_features(x)) - covered), x.micro_batch_size),
+            )
+            new = _pairs(layout_features(best)) - covered
+            if not new:
+                break
+            covered |= new
+            fields = dataclasses.asdict(best)
+            micro = fields.pop("micro_batch_size")
+            name = "plan_" + "_".join(layout_features(best))
+            chosen.append(Case(name, world, fields, overrides, micro_batch_size=micro))
+    return chosen
+
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("layout_worker.py")
+
+
+def run_worker(
+    cases: list[Case], world: int, root: Path, timeout_seconds: float = 600
+) -> tuple[dict, str]:
+    """Write the cases' run directories under root and train them all in one torchrun of
+    `world` ranks; returns (results by case name, the run's output for failure messages)."""
+    for case in cases:
+        case.write(root / case.name)
+    out = root / "results.json"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={world}", str(WORKER), str(root), str(out),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=timeout_seconds, check=False
+    )
+    results = json.loads(out.read_text()) if out.exists() else {}
+    return results, (done.stdout + done.stderr)[-6000:]

@@ -1,0 +1,74 @@
+"""Every layout of the table, and every kind of layout the planner can emit, trains exactly
+like one process: same losses and gradient norms (relative difference <= 1e-5, fp32) and
+the same final parameters, read through the runtime's checkpointable (FQN-keyed) state.
+
+One torchrun per world size trains all its cases (tests/distributed/layout_worker.py drives
+the trainer's build_runtime -> build_parallel_runtime with the trainer's data loader).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.distributed.layouts import CASES, Case, planner_kind_cases, run_worker
+
+pytestmark = pytest.mark.distributed
+
+LOSS_RTOL = 1e-5
+# Parameters after a few AdamW steps differ by reduction order only (~2e-6 measured here);
+# the largest single-process update of an entry is ~4e-3, so a wrong layout shows.
+PARAM_ATOL = 2e-5
+MIN_UPDATE = 1e-3
+
+
+@pytest.fixture(scope="module")
+def planner_cases() -> list[Case]:
+    return planner_kind_cases()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, planner_cases) -> tuple[dict, dict[int, str]]:
+    """Results of every table and planner case, and each world size's torchrun output."""
+    merged, logs = {}, {}
+    cases = CASES + planner_cases
+    for world in sorted({case.world for case in cases}):
+        root = tmp_path_factory.mktemp(f"world{world}")
+        found, logs[world] = run_worker([c for c in cases if c.world == world], world, root)
+        merged.update(found)
+    return merged, logs
+
+
+def problems(case: Case, result: dict | None, log: str) -> list[str]:
+    """What differs from one process (empty when the case matches)."""
+    if result is None:
+        return [f"{case.name} did not finish; torchrun output:\n{log}"]
+    found = []
+    for name in ("losses", "grad_norms"):
+        for step, (got, want) in enumerate(
+            zip(result[name], result[f"ref_{name}"], strict=True), start=1
+        ):
+            if abs(got - want) > LOSS_RTOL * abs(want):
+                found.append(f"{name} step {step}: {got!r} vs one process {want!r}")
+    if result["max_param_diff"] > PARAM_ATOL:
+        found.append(f"final parameters differ by up to {result['max_param_diff']:.3g}")
+    if result["ref_max_update"] < MIN_UPDATE:
+        found.append(f"parameters barely moved ({result['ref_max_update']:.3g}): test too weak")
+    if result["missing_keys"] or result["unknown_keys"]:
+        found.append(
+            f"state keys: missing {result['missing_keys']}, {result['unknown_keys']} unknown"
+        )
+    return found
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_layout_matches_one_process(case: Case, results) -> None:
+    found, logs = results
+    assert not problems(case, found.get(case.name), logs[case.world])
+
+
+def test_every_planner_layout_kind_matches_one_process(planner_cases, results) -> None:
+    found, logs = results
+    failures = {
+        case.name: problems(case, found.get(case.name), logs[case.world]) for case in planner_cases
+    }
+    assert not {name: p for name, p in failures.items() if p}
