@@ -41,8 +41,13 @@ class TrainResult:
 def build_runtime(
     cfg: Config, plan: Plan, device: torch.device, dtype: torch.dtype, dist_ctx: DistContext
 ) -> TrainRuntime:
-    """The runtime for the plan's layout: one process, or parallel/ for several ranks."""
-    if plan.layout.world_size == 1:
+    """The runtime for the plan's layout: parallel/ for several ranks, and for one rank under
+    torchrun when the plan asks for FSDP2 (zero_stage >= 2: bf16 parameters on GPU) or
+    DeepSpeed; otherwise one plain process."""
+    layout = plan.layout
+    sharded = layout.zero_backend == "deepspeed" or layout.zero_stage >= 2
+    in_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if layout.world_size == 1 and not (sharded and in_group):
         return build_local_runtime(cfg.model, cfg.train, plan, device, dtype)
     from parallel.runtime import build_parallel_runtime
 
