@@ -13,7 +13,8 @@ Records (one per storage):
     AnchorRecord   the first n tokens (along the sequence dim) go to the host, the rest stays
                    on the device as a fresh copy so the original storage is freed; unpacking
                    re-assembles a storage with the original layout so every view is exact
-Handles (what autograd stores):
+Handles (what autograd stores; tensors in them are detached, so a saved output never holds
+its own grad_fn in a reference cycle through C++ that the garbage collector cannot break):
     a plain Tensor       parameters, RoPE tables and other tensors the layer does not own
     KeptHandle           the saved tensor itself (its record counts the storage once)
     ViewHandle           record + view metadata
@@ -130,7 +131,7 @@ class KeptRecord(Record):
 
     def __init__(self, owner: Owner, tensor: Tensor) -> None:
         self.owner = owner
-        self.tensor = tensor
+        self.tensor = tensor.detach()
 
     def device_bytes(self) -> int:
         return self.tensor.untyped_storage().nbytes()
@@ -139,7 +140,7 @@ class KeptRecord(Record):
         return self.tensor.untyped_storage()
 
     def handle(self, tensor: Tensor) -> KeptHandle:
-        return KeptHandle(self, tensor)
+        return KeptHandle(self, tensor.detach())
 
 
 class OffloadRecord(Record):
@@ -205,7 +206,7 @@ class AnchorRecord(Record):
     def __init__(self, owner: Owner, base: Tensor, seq_dim: int, host_tokens: int) -> None:
         assert covers_storage(base) and 0 < host_tokens <= base.shape[seq_dim]
         self.owner = owner
-        self.base: Tensor | None = base
+        self.base: Tensor | None = base.detach()
         self.meta = ViewMeta.of(base)
         self.seq_dim = seq_dim
         self.host_tokens = host_tokens
@@ -394,17 +395,18 @@ class Segment:
         captured: dict[int, Tensor] = {}
         count = 0
 
-        def capture(tensor: Tensor) -> Tensor:
+        def capture(tensor: Tensor) -> None:
+            # detached and not returned: the regenerated graph must not reference it, or
+            # a saved output would form a cycle through C++ that gc cannot collect
             nonlocal count
             if count in self.wanted:
-                captured[count] = tensor
+                captured[count] = tensor.detach()
             count += 1
-            return tensor
 
         with (
             torch.enable_grad(),
             self.owner.autocast(),
-            torch.autograd.graph.saved_tensors_hooks(capture, _identity),
+            torch.autograd.graph.saved_tensors_hooks(capture, _never_unpacked),
         ):
             self.fn(*args, *self.extra)
         if count != self.saved_count:
@@ -445,5 +447,5 @@ class DTensorHandle:
         )
 
 
-def _identity(tensor: Tensor) -> Tensor:
-    return tensor
+def _never_unpacked(_: None) -> Tensor:
+    raise RuntimeError("the graph of a regenerated segment is never run backward")

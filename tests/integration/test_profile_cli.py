@@ -1,0 +1,107 @@
+"""`memplan profile` as a user runs it: the per-layer table, the JSON file, exit 2 for a plan
+that does not fit."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.compose import compose_config
+from planner.plan import LayerPlan
+from tests.plans import manual_plan
+
+pytestmark = pytest.mark.integration
+
+BASE = ["train.seq_len=64", "train.global_batch_size=4"]
+MIXES = [
+    (0.3, "none", 0.3, 0.5),
+    (0.0, "selective", 0.5, 1.0),
+    (0.0, "full", 0.0, 1.0),
+    (0.5, "none", 0.0, 0.0),
+]
+
+
+def memplan(*args: str) -> subprocess.CompletedProcess:
+    """The `memplan` console script of this environment."""
+    script = Path(sys.executable).parent / "memplan"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "launch.cli"]
+    return subprocess.run(
+        [*command, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        timeout=300,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def plan_path(tmp_path_factory) -> Path:
+    cfg = compose_config(BASE)
+    layers = [
+        LayerPlan(i, 0, MIXES[i % 4][0], MIXES[i % 4][1], *MIXES[i % 4][2:])
+        for i in range(cfg.model.num_layers)
+    ]
+    path = tmp_path_factory.mktemp("plans") / "plan.json"
+    manual_plan(cfg, layers=layers, micro_batch_size=2).write(path)
+    return path
+
+
+ROW = re.compile(r"^│\s+(\d+) │ (a[\d.]+ r[\d.]+ b[\d.]+(?: \w+)?)\s+│(.*)│$")
+
+
+def test_table_and_json_report_every_layer(plan_path, tmp_path):
+    out = tmp_path / "profile" / "report.json"
+    done = memplan("profile", *BASE, f"plan.path={plan_path}", f"profile.out={out}")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("memplan profile: tiny plan (dp=1 tp=1 pp=1 sp=1 zero=0) on cpu")
+    assert any("scaled down: hidden 128->64" in line for line in lines)
+    rows = [match for line in lines if (match := ROW.match(line))]
+    assert [int(row.group(1)) for row in rows] == [0, 1, 2, 3]
+    assert rows[1].group(2) == "a0.00 r0.50 b1.00 selective"
+    for row in rows:
+        errors = [cell.strip() for cell in row.group(3).split("│")][2::3]
+        assert all(error in ("+0.00%", "-") for error in errors), row.group(0)
+    peak = next(line for line in lines if line.startswith("peak = measured"))
+    assert "(+0.00%)" in peak
+    assert any(re.match(r"step time [\d.]+ ms", line) for line in lines)
+    assert "host slabs allocated: 4 (0 after step 1)" in lines
+    report = json.loads(out.read_text())
+    assert [layer["index"] for layer in report["layers"]] == [0, 1, 2, 3]
+    for layer in report["layers"]:
+        assert layer["measured"]["device_bytes"] == layer["predicted"]["device_bytes"]
+        assert layer["measured"]["host_bytes"] == layer["predicted"]["host_bytes"]
+    assert report["layers"][2]["policy"]["recompute"] == "full"
+    assert report["peak"]["measured_bytes"] == report["peak"]["predicted_bytes"]
+    assert len(report["step_seconds"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.num_layers=3"], "plan.path: plan has model.num_layers=4 but the model has 3"),
+        (["model.hidden_size=96"], "plan has model.hidden_size=128 but the model has 96"),
+        (["cluster.gpus_per_node=2"], "plan needs 1 ranks (dp*tp*pp*sp) but the cluster has 2"),
+        (["profile.scale=tiny"], "profile.scale: got 'tiny'; allowed: auto, full, small"),
+    ],
+)
+def test_a_plan_that_does_not_fit_is_exit_2_in_one_line(plan_path, overrides, message):
+    done = memplan("profile", *BASE, f"plan.path={plan_path}", *overrides)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("memplan profile: error: ")
+    assert message in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_unreadable_plan_is_exit_2(tmp_path):
+    done = memplan("profile", *BASE, f"plan.path={tmp_path / 'missing.json'}")
+    assert done.returncode == 2
+    assert "plan.path: cannot read" in done.stderr
