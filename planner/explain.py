@@ -15,15 +15,12 @@ import time
 
 from configs.schema import Config
 from planner.costs import GIB
-from planner.milp import solve_layout, solver_name
-from planner.search import SearchOutcome, _candidates, search
+from planner.search import SearchOutcome, _candidates, minimum_use, search
 
 PROBE_SECONDS = 2.0
 """Time limit of one feasibility probe."""
 EXPLAIN_SECONDS = 8.0
 """Total time spent looking for suggestions."""
-TOP_LAYOUTS = 3
-"""Layouts (lowest memory bound first) whose minimal-memory MILP is solved."""
 
 
 def _feasible(cfg: Config) -> bool:
@@ -67,32 +64,6 @@ def _shorter_sequence(cfg: Config, deadline: float) -> str | None:
     return f"train.seq_len<={lo * quantum}"
 
 
-def _min_use(cfg: Config, objective: str, deadline: float) -> float | None:
-    """Smallest per-GPU peak ("gpu") or host bytes per node ("host") over the layouts with
-    the lowest memory bounds."""
-    solver = solver_name(cfg.planner.solver)
-    candidates = sorted(_candidates(cfg), key=lambda c: c.memory_bound)[:TOP_LAYOUTS]
-    best = None
-    for cand in candidates:
-        remaining = deadline - time.perf_counter()
-        if remaining <= 0:
-            break
-        result = solve_layout(
-            cand.costs,
-            cand.stages,
-            cfg.model.num_layers,
-            solver,
-            min(remaining, PROBE_SECONDS),
-            0.01,
-            objective=objective,
-        )
-        if result.found:
-            best = result.objective if best is None else min(best, result.objective)
-    if best is None and objective == "gpu" and candidates:
-        return candidates[0].memory_bound
-    return best
-
-
 def explain_infeasible(cfg: Config, outcome: SearchOutcome) -> str:
     """One line: what binds, how much is needed, and what would make a plan feasible."""
     started = time.perf_counter()
@@ -100,21 +71,25 @@ def explain_infeasible(cfg: Config, outcome: SearchOutcome) -> str:
     candidates = _candidates(cfg)
     budget = candidates[0].costs.budget_bytes
     host_budget = candidates[0].costs.host_budget_bytes
-    if not outcome.complete:
+    if not outcome.complete or not outcome.proven:
         return (
-            f"no plan found within planner.time_limit_seconds={cfg.planner.time_limit_seconds:g} "
-            f"({outcome.solved} of {outcome.considered} layouts solved); raise the limit"
+            f"no plan found within the time limits ({outcome.solved} of {outcome.considered} "
+            f"layouts solved, some stopped early): raise planner.time_limit_seconds="
+            f"{cfg.planner.time_limit_seconds:g} or planner.solve_time_limit_seconds="
+            f"{cfg.planner.solve_time_limit_seconds:g}"
         )
-    gpu_need = _min_use(cfg, "gpu", deadline)
+    gpu_need = minimum_use(cfg, "gpu", deadline - time.perf_counter())
+    if gpu_need is None:  # no minimal-memory solve finished: fall back to the bound
+        gpu_need = min(c.memory_bound for c in candidates)
     suggestions = []
-    if gpu_need is not None and gpu_need > budget:
+    if gpu_need > budget:
         head = (
             f"needs {gpu_need / GIB:.1f} GiB per GPU at best; budget {budget / GIB:.1f} GiB "
             f"(cluster.gpu_memory_gib={cfg.cluster.gpu_memory_gib:g} minus reserves)"
         )
     else:
-        host_need = _min_use(cfg, "host", deadline)
-        if host_need is None:
+        host_need = minimum_use(cfg, "host", deadline - time.perf_counter())
+        if host_need is None or host_need <= host_budget:
             return (
                 f"no layout of {cfg.cluster.world_size} GPUs fits the GPU and host memory "
                 f"budgets together; try more GPUs or a shorter train.seq_len"
@@ -122,6 +97,10 @@ def explain_infeasible(cfg: Config, outcome: SearchOutcome) -> str:
         have = cfg.cluster.host_memory_gib
         reserve = cfg.planner.host_reserve_fraction
         needed_gib = math.ceil(host_need / GIB / (1.0 - reserve))
+        for _ in range(3):  # verify; the plan's rounding margins may need a little more
+            if _feasible(_with(cfg, cluster={"host_memory_gib": float(needed_gib)})):
+                break
+            needed_gib = math.ceil(needed_gib * 1.02 + 1)
         head = (
             f"host RAM binds: needs {host_need / GIB:.1f} GiB per node at best; budget "
             f"{host_budget / GIB:.1f} GiB (cluster.host_memory_gib={have:g} minus reserve)"

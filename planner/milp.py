@@ -37,6 +37,8 @@ SPLIT_MODES = ("none", "selective")
 """Modes whose token-local tensors can be split into offloaded / recomputed / kept tokens."""
 ROUNDING_MARGIN_BYTES = 2**20
 """Slack for token rounding and shard padding in the exact evaluation of the plan."""
+UNIT = 2**30
+"""Bytes per unit of the memory rows (GiB)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class MilpResult:
     objective: float
     seconds: float
     stages: tuple[StageChoice, ...] = field(default_factory=tuple)
+    time_limited: bool = False
+    """The solve stopped at its time limit (the solution, if any, is not proven optimal)."""
 
     @property
     def found(self) -> bool:
@@ -120,6 +124,7 @@ def solve_layout(
     gap: float,
     objective: str = "time",
     cutoff: float | None = None,
+    floors: tuple[float, float, float] = (0.0, 0.0, 0.0),
 ) -> MilpResult:
     """Build and solve the MILP for one layout.
 
@@ -127,7 +132,10 @@ def solve_layout(
     objective "gpu": minimal per-GPU peak (GPU budget dropped; host budget kept).
     objective "host": minimal host bytes per node (host budget dropped; GPU budget kept).
     cutoff: only solutions with a smaller objective are wanted (the best step time so far);
-    a layout that cannot beat it comes back without a solution, status "Infeasible".
+    a layout that cannot beat it comes back without a solution, status "Cut off".
+    floors: lower bounds of the slowest stage, the busiest rank and the largest zero-bubble
+    residue (planner/search.py computes them for the best integer layer split); valid cuts
+    that spare the branch and bound proving them.
     """
     started = time.perf_counter()
     lay = costs.layout
@@ -167,34 +175,37 @@ def solve_layout(
     uB = [
         {m: pulp.LpVariable(f"uB_{p}_{m}", cat=pulp.LpBinary) for m in modes} for p in range(lay.pp)
     ]
-    # pf[p] ≥ 0: bytes of the next layer prefetched from the host during a backward on rank p
+    # pf[p] ≥ 0: GiB of the next layer prefetched from the host during a backward on rank p
     pf = [pulp.LpVariable(f"prefetch_{p}", 0) for p in range(lay.pp)]
-    # hst[p] ≥ 0: peak offloaded bytes of one GPU of pp rank p (all in-flight micro-batches)
+    # hst[p] ≥ 0: peak offloaded GiB of one GPU of pp rank p (all in-flight micro-batches)
     hst = [pulp.LpVariable(f"host_{p}", 0) for p in range(lay.pp)]
-    # M ≥ 0: the slowest stage's time per micro-batch; Mr ≥ 0: the busiest rank's
-    M = pulp.LpVariable("max_stage_seconds", 0)
-    Mr = pulp.LpVariable("max_rank_seconds", 0)
-    # Mz ≥ 0: the largest zero-bubble residue F + B - 3W of a stage
-    Mz = pulp.LpVariable("max_zero_bubble_seconds", 0)
+    # M: the slowest stage's time per micro-batch; Mr: the busiest rank's (lower bounds: the
+    # best integer layer split without any recompute, `floors`)
+    M = pulp.LpVariable("max_stage_seconds", floors[0])
+    Mr = pulp.LpVariable("max_rank_seconds", floors[1])
+    # Mz: the largest zero-bubble residue F + B - 3W of a stage
+    Mz = pulp.LpVariable("max_zero_bubble_seconds", floors[2])
     # tail ≥ 0: optimizer step + end-of-step ZeRO traffic not hidden (slowest rank)
     tail = pulp.LpVariable("tail_seconds", 0)
 
     # -------------------------------------------------------------------- expressions
     layers = {c: pulp.lpSum(n[c].values()) for c in range(S)}
     cost = costs.modes
-    x_bytes = cost["full"].anchor_bytes
+    # memory rows are written in GiB (UNIT): byte-sized coefficients next to seconds-sized
+    # ones make the solver's tolerances meaningless
+    anchor = {m: cost[m].anchor_bytes / UNIT for m in modes}
+    local = {m: cost[m].local_bytes / UNIT for m in modes}
 
     def kept_bytes(c: int) -> pulp.LpAffineExpression:
         split = pulp.lpSum(
-            cost[m].anchor_bytes * (n[c][m] - Bq[c][m])
-            + cost[m].local_bytes * (n[c][m] - A[c][m] - R[c][m])
+            anchor[m] * (n[c][m] - Bq[c][m]) + local[m] * (n[c][m] - A[c][m] - R[c][m])
             for m in SPLIT_MODES
         )
-        return split + x_bytes * (n[c]["full"] - Bq[c]["full"])
+        return split + anchor["full"] * (n[c]["full"] - Bq[c]["full"])
 
     def host_bytes(c: int, m: str) -> pulp.LpAffineExpression:
-        offloaded = cost[m].local_bytes * A[c][m] if m in SPLIT_MODES else 0
-        return cost[m].anchor_bytes * Bq[c][m] + offloaded
+        offloaded = local[m] * A[c][m] if m in SPLIT_MODES else 0
+        return anchor[m] * Bq[c][m] + offloaded
 
     def extra_params(c: int) -> int:
         return (costs.first.params if c == first else 0) + (costs.last.params if c == last else 0)
@@ -209,7 +220,7 @@ def solve_layout(
         saved = costs.chunk_saved_bytes + boundary * costs.boundary_bytes
         saved += costs.first.saved_bytes if c == first else 0
         saved += costs.last.saved_bytes if c == last else 0
-        return saved
+        return saved / UNIT
 
     fwd_s = {
         c: costs.forward_seconds * layers[c]
@@ -267,12 +278,12 @@ def solve_layout(
             for m in modes:
                 prob += Bq[c][m] <= L * uB[p][m], f"offloads_anchor_{c}_{m}"
         for m in modes:
-            local = cost[m].local_bytes * uA[p][m] if m in SPLIT_MODES else 0
-            prob += pf[p] >= cost[m].anchor_bytes * uB[p][m] + local, f"prefetch_{p}_{m}"
+            fetched = local[m] * uA[p][m] if m in SPLIT_MODES else 0
+            prob += pf[p] >= anchor[m] * uB[p][m] + fetched, f"prefetch_{p}_{m}"
 
     # [Constraint] exposed host transfer, per (stage, mode) group, forward and backward
     #   original per layer: Xf_l = max(0, host_l / bw - f),  Xb_l = max(0, host_l / bw - b_l)
-    bw = costs.host_link
+    bw = costs.host_link / UNIT
     for c in range(S):
         for m in modes:
             rec = cost[m].local_recompute_seconds * R[c][m] if m in SPLIT_MODES else 0
@@ -289,14 +300,15 @@ def solve_layout(
     #   states + sum_c t_c (kept_c + constants_c) + buffers + transient <= budget
     #   transient = max(layer backward phase, loss phase); the layer phase holds one layer's
     #   re-materialised tensors when y[p] = 1 plus the next layer's prefetch pf[p]
-    peak = pulp.LpVariable("peak_bytes", 0) if objective == "gpu" else None
-    budget = costs.budget_bytes - ROUNDING_MARGIN_BYTES
-    buffers = 2 * costs.boundary_bytes if lay.pp > 1 else 0.0
-    layer_phase = costs.workspace_bytes + costs.zero_layer_transient_bytes
-    loss_phase = costs.loss_transient_bytes + costs.zero_output_transient_bytes
+    peak = pulp.LpVariable("peak_gib", 0) if objective == "gpu" else None
+    budget = (costs.budget_bytes - ROUNDING_MARGIN_BYTES) / UNIT
+    buffers = (2 * costs.boundary_bytes if lay.pp > 1 else 0.0) / UNIT
+    layer_phase = (costs.workspace_bytes + costs.zero_layer_transient_bytes) / UNIT
+    loss_phase = (costs.loss_transient_bytes + costs.zero_output_transient_bytes) / UNIT
+    full_layer = costs.full_layer_bytes / UNIT
     for p, chunk_list in enumerate(stages.rank_stages):
-        states = costs.state_bytes_per_param * params(p)
-        phases = [layer_phase + costs.full_layer_bytes * y[p] + pf[p]]
+        states = costs.state_bytes_per_param / UNIT * params(p)
+        phases = [layer_phase + full_layer * y[p] + pf[p]]
         if last in chunk_list:
             phases.append(loss_phase)
         for k, vec in enumerate(stages.inflight[p]):
@@ -314,7 +326,7 @@ def solve_layout(
 
     # [Constraint] host RAM: hst[p] >= offloaded bytes of every in-flight vector of rank p,
     #   and per node: sum over its GPUs of (hst + checkpoint staging) <= host budget
-    host_peak = pulp.LpVariable("host_peak_bytes", 0) if objective == "host" else None
+    host_peak = pulp.LpVariable("host_peak_gib", 0) if objective == "host" else None
     for p, chunk_list in enumerate(stages.rank_stages):
         for k, vec in enumerate(stages.inflight[p]):
             offloaded = pulp.lpSum(
@@ -329,10 +341,10 @@ def solve_layout(
     token_bytes = costs.full_layer_bytes / costs.seq_local
     most_inflight = max(sum(vec) for rank in stages.inflight for vec in rank)
     rounding = 2 * L * token_bytes * most_inflight * costs.gpus_per_node
-    host_budget = costs.host_budget_bytes - ROUNDING_MARGIN_BYTES - rounding
+    host_budget = (costs.host_budget_bytes - ROUNDING_MARGIN_BYTES - rounding) / UNIT
     for k, gpus in enumerate(stages.node_gpus):
         node = pulp.lpSum(
-            count * (hst[p] + costs.staging_bytes_per_param * params(p))
+            count * (hst[p] + costs.staging_bytes_per_param / UNIT * params(p))
             for p, count in enumerate(gpus)
             if count
         )
@@ -374,9 +386,9 @@ def solve_layout(
         assert schedule in INTERLEAVED
         step = G * Mr + (lay.pp - 1) * M + tail
     if objective == "gpu":
-        prob += peak + 1e-12 * step
+        prob += peak + 1e-6 * step
     elif objective == "host":
-        prob += host_peak + 1e-12 * step
+        prob += host_peak + 1e-6 * step
     else:
         prob += step
 
@@ -384,8 +396,19 @@ def solve_layout(
     status = pulp.LpStatus[prob.status]
     solution = pulp.LpSolution[prob.sol_status]
     seconds = time.perf_counter() - started
-    if solution not in ("Optimal Solution Found", "Solution Found"):
-        return MilpResult(status, solution, float("inf"), seconds)
+    # HiGHS names why it stopped (PuLP folds "Time limit reached" and "Objective bound" into
+    # one status); CBC: a solution short of optimal means the time limit
+    if solver == "HiGHS":
+        reason = prob.solverModel.modelStatusToString(prob.solverModel.getModelStatus())
+        time_limited = reason == "Time limit reached"
+    else:
+        time_limited = status == "Not Solved" or solution == "Solution Found"
+    found = solution in ("Optimal Solution Found", "Solution Found")
+    if cutoff is not None and (not found or float(pulp.value(prob.objective)) >= cutoff):
+        return MilpResult("Cut off", "No solution below the cutoff", float("inf"), seconds,
+                          time_limited=time_limited)  # fmt: skip
+    if not found:
+        return MilpResult(status, solution, float("inf"), seconds, time_limited=time_limited)
 
     def value(var: pulp.LpVariable) -> float:
         return float(var.varValue or 0.0)
@@ -399,4 +422,7 @@ def solve_layout(
         )
         for c in range(S)
     )
-    return MilpResult(status, solution, float(pulp.value(prob.objective)), seconds, choices)
+    objective_value = float(pulp.value(prob.objective))
+    if objective in ("gpu", "host"):
+        objective_value *= UNIT
+    return MilpResult(status, solution, objective_value, seconds, choices, time_limited)

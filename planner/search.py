@@ -7,9 +7,10 @@
      transient working set + one layer's activations): above the GPU budget -> pruned;
    - a step-time lower bound (no recompute, no exposed transfer, perfectly balanced stages,
      the schedule's bubble at that balance).
-3. Solve the MILPs in order of their time bound; stop when the next bound is no better than
-   the best step time found (every remaining layout is provably no faster), or when
-   planner.time_limit_seconds runs out.
+3. Solve the MILPs in order of their time bound, each with the best step time so far
+   (less the gap) as a cutoff; stop when the next bound is within planner.mip_gap of the best
+   step time found (no remaining layout can be faster by more than the gap, the same
+   guarantee each MILP solve gives), or when planner.time_limit_seconds runs out.
 4. Turn the best solution into per-layer policies, evaluate them exactly (planner/memory.py,
    planner/timing.py) and return the Plan. Without any feasible layout, raise NoFeasiblePlan
    naming the binding constraint and the smallest change that makes a plan feasible.
@@ -51,6 +52,8 @@ MODE_ORDER = ("full", "selective", "none")
 """Order of a stage's layers by recompute mode in the emitted plan."""
 NOISE = 1e-6
 """Fractions below this are solver noise."""
+MINIMUM_LAYOUTS = 5
+"""Layouts (lowest memory bound first) whose minimal-memory MILP minimum_use solves."""
 FEASIBILITY_TRIES = 5
 """Layouts a feasibility probe solves at most (lowest memory bound first)."""
 
@@ -61,9 +64,16 @@ class Candidate:
 
     layout: Layout
     costs: LayoutCosts
-    time_bound: float
-    memory_bound: float
+    bounds: Bounds
     gpus_per_node: int
+
+    @property
+    def time_bound(self) -> float:
+        return self.bounds.time
+
+    @property
+    def memory_bound(self) -> float:
+        return self.bounds.memory
 
     @property
     def stages(self) -> StageMap:
@@ -87,17 +97,44 @@ class Candidate:
 
 def _min_max_load(bases: list[float], per_item: float, items: int, at_least: int) -> float:
     """Smallest possible maximum of base_i + n_i x per_item over bins i with n_i >= at_least
-    and sum n_i = items (identical items: filling the least-loaded bin first is optimal)."""
+    and sum n_i = items. Identical items: fill every bin up to the water level the items
+    could at least reach, then place the rest one by one on the least-loaded bin."""
     loads = [base + at_least * per_item for base in bases]
-    heap = list(loads)
-    heapq.heapify(heap)
-    for _ in range(items - at_least * len(bases)):
-        heapq.heappush(heap, heapq.heappop(heap) + per_item)
-    return max(heap)
+    spare = items - at_least * len(bases)
+    if per_item <= 0 or spare <= 0:
+        return max(loads)
+    loads.sort()
+    total = 0.0
+    for k, load in enumerate(loads):  # water level over the k + 1 lowest bins
+        total += load
+        level = (spare * per_item + total) / (k + 1)
+        if k + 1 == len(loads) or level <= loads[k + 1]:
+            break
+    for i in range(k + 1):
+        fill = max(0, math.floor((level - loads[i]) / per_item))
+        loads[i] += fill * per_item
+        spare -= fill
+    heapq.heapify(loads)
+    for _ in range(spare):
+        heapq.heappush(loads, heapq.heappop(loads) + per_item)
+    return max(loads)
 
 
-def bounds(costs: LayoutCosts, num_layers: int) -> tuple[float, float]:
-    """(step-time lower bound, per-GPU memory lower bound) of a layout.
+@dataclass(frozen=True)
+class Bounds:
+    """Lower bounds of one layout: step time, per-GPU memory, and the three pipeline maxima
+    (slowest stage, busiest rank, largest zero-bubble residue) per micro-batch. The maxima
+    are valid cuts for the MILP: policies only ever add time to a stage."""
+
+    time: float
+    memory: float
+    stage_max: float
+    rank_max: float
+    residue_max: float
+
+
+def bounds(costs: LayoutCosts, num_layers: int) -> Bounds:
+    """Closed-form lower bounds of a layout.
 
     Time: every layer without recompute or exposed transfer, and the integer layer split
     that minimises the slowest stage (and the busiest rank) exactly; the schedule's formula
@@ -111,40 +148,37 @@ def bounds(costs: LayoutCosts, num_layers: int) -> tuple[float, float]:
     per_layer = costs.forward_seconds + none.backward_seconds + costs.layer_zero_exposed_seconds
     residue = per_layer - 3 * costs.weight_grad_seconds  # zero-bubble F + B - 3W per layer
     base = [costs.p2p_seconds * ((c > 0) + (c < S - 1)) for c in range(S)]
-    residue_base = list(base)
     base[0] += first.forward_seconds + first.backward_seconds + first.zero_exposed_seconds
     base[-1] += last.forward_seconds + last.backward_seconds + last.zero_exposed_seconds
-    residue_base[0] = base[0]
-    residue_base[-1] = base[-1] - 3 * last.weight_grad_seconds
+    residue_base = list(base)
+    residue_base[-1] -= 3 * last.weight_grad_seconds
     total = L * per_layer + sum(base)
+    stage_max = _min_max_load(base, per_layer, L, 1)
+    rank_base = [0.0] * pp
+    for c in range(S):
+        rank_base[stage_rank(c, pp, lay.pp_schedule)] += base[c]
+    rank_max = _min_max_load(rank_base, per_layer, L, lay.virtual_stages)
+    if residue > 0:
+        residue_max = _min_max_load(residue_base, residue, L, 1)
+    else:  # each stage holds at most L - S + 1 layers
+        residue_max = max(b + residue * (L - S + 1) for b in residue_base)
+    residue_max = max(0.0, residue_max)
     schedule = lay.pp_schedule
     if schedule == "none":
         step = G * total
+    elif schedule in ("gpipe", "1f1b"):
+        step = (G - 1) * stage_max + total
+    elif schedule in ZERO_BUBBLE:
+        step = G * rank_max + (pp - 1) * residue_max
     else:
-        stage_max = _min_max_load(base, per_layer, L, 1)
-        if schedule in ("gpipe", "1f1b"):
-            step = (G - 1) * stage_max + total
-        else:
-            rank_base = [0.0] * pp
-            for c in range(S):
-                rank_base[stage_rank(c, pp, schedule)] += base[c]
-            rank_max = _min_max_load(rank_base, per_layer, L, lay.virtual_stages)
-            if schedule in ZERO_BUBBLE:
-                bubble = (
-                    max(0.0, min(residue_base))
-                    if residue <= 0
-                    else (_min_max_load(residue_base, residue, L, 1))
-                )
-                step = G * rank_max + (pp - 1) * max(0.0, bubble)
-            else:
-                step = G * rank_max + (pp - 1) * stage_max
+        step = G * rank_max + (pp - 1) * stage_max
     psi = L * costs.layer_params + first.params + last.params
     tail = (costs.optimizer_seconds_per_param + costs.zero_exposed_end_seconds_per_param) * psi
     states = costs.state_bytes_per_param * psi / pp
     memory = (
         states + costs.workspace_bytes + costs.zero_layer_transient_bytes + costs.full_layer_bytes
     )
-    return step + tail / pp, memory
+    return Bounds(step + tail / pp, memory, stage_max, rank_max, residue_max)
 
 
 def _candidates(cfg: Config) -> list[Candidate]:
@@ -154,9 +188,8 @@ def _candidates(cfg: Config) -> list[Candidate]:
     result = []
     for layout in layouts:
         costs = costs_for(cfg, layout)
-        time_bound, memory_bound = bounds(costs, cfg.model.num_layers)
-        gpn = cfg.cluster.gpus_per_node
-        result.append(Candidate(layout, costs, time_bound, memory_bound, gpn))
+        found = bounds(costs, cfg.model.num_layers)
+        result.append(Candidate(layout, costs, found, cfg.cluster.gpus_per_node))
     return result
 
 
@@ -169,6 +202,9 @@ class SearchOutcome:
     solved: int
     considered: int
     complete: bool
+    """Every layout was solved or pruned before planner.time_limit_seconds ran out."""
+    proven: bool
+    """Every solve ended optimal (within the gap) or infeasible, none at its time limit."""
     statuses: list[str]
     seconds: float
 
@@ -189,22 +225,31 @@ def search(
         fits.sort(key=lambda c: c.order)
     best: Candidate | None = None
     best_result: MilpResult | None = None
-    solved, complete, statuses = 0, True, []
+    solved, complete, proven, statuses = 0, True, True, []
     for cand in fits:
-        if best_result is not None and cand.time_bound >= best_result.objective * (1 - 1e-9):
+        # every remaining layout is at best within the gap of the incumbent: done
+        target = None if best_result is None else best_result.objective * (1 - gap) - 1e-12
+        if target is not None and cand.time_bound >= target:
             break
         remaining = deadline - time.perf_counter()
         if remaining <= 0:
             complete = False
             break
-        cutoff = None if best_result is None else best_result.objective
+        solve_limit = min(remaining, cfg.planner.solve_time_limit_seconds)
         result = solve_layout(
-            cand.costs, cand.stages, cfg.model.num_layers, solver, remaining, gap, cutoff=cutoff
+            cand.costs,
+            cand.stages,
+            cfg.model.num_layers,
+            solver,
+            solve_limit,
+            gap,
+            cutoff=target,
+            floors=(cand.bounds.stage_max, cand.bounds.rank_max, cand.bounds.residue_max),
         )
         solved += 1
         statuses.append(result.solution_status)
-        if result.status == "Not Solved":  # the time limit ran out inside this solve
-            complete = False
+        if result.time_limited:
+            proven = False  # its time limit ran out (with or without a solution)
         log.debug(
             "%s: %s %.4g s in %.3f s",
             cand.layout,
@@ -222,9 +267,36 @@ def search(
         solved,
         len(candidates),
         complete,
+        proven,
         statuses,
         time.perf_counter() - started,
     )
+
+
+def minimum_use(cfg: Config, objective: str, time_limit: float) -> float | None:
+    """Smallest per-GPU peak ("gpu", GPU budget dropped) or host bytes per node ("host",
+    host budget dropped) over the MINIMUM_LAYOUTS layouts with the lowest memory bounds.
+    None if no such solve found a solution in time."""
+    deadline = time.perf_counter() + time_limit
+    solver = solver_name(cfg.planner.solver)
+    candidates = sorted(_candidates(cfg), key=lambda c: c.memory_bound)[:MINIMUM_LAYOUTS]
+    best = None
+    for cand in candidates:
+        remaining = deadline - time.perf_counter()
+        if remaining <= 0:
+            break
+        result = solve_layout(
+            cand.costs,
+            cand.stages,
+            cfg.model.num_layers,
+            solver,
+            min(remaining, 2.0),
+            0.0,
+            objective=objective,
+        )
+        if result.found:
+            best = result.objective if best is None else min(best, result.objective)
+    return best
 
 
 def _snap(fraction_sum: float, layers: int, tokens: int) -> int:
@@ -337,7 +409,7 @@ def make_plan(cfg: Config) -> Plan:
     if outcome.best is None or outcome.result is None:
         raise NoFeasiblePlan(explain_infeasible(cfg, outcome))
     best = outcome.best
-    optimal = outcome.complete and outcome.result.solution_status == "Optimal Solution Found"
+    optimal = outcome.complete and outcome.proven
     solver = SolverInfo(
         name=solver_name(planner.solver),
         status="optimal" if optimal else "feasible (time limit)",

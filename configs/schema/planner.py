@@ -22,7 +22,9 @@ class PlannerConfig:
     solver: Literal["auto", "highs", "cbc"] = "auto"
     """MILP solver: auto = HiGHS when highspy is installed, CBC otherwise."""
     time_limit_seconds: float = 10.0
-    """Wall-time bound of the whole plan search (every MILP solve gets what is left)."""
+    """Wall-time bound of the whole plan search."""
+    solve_time_limit_seconds: float = 0.5
+    """Wall-time bound of one layout's MILP solve; the best solution found by then counts."""
     mip_gap: float = 0.01
     """Relative optimality gap at which a solve stops."""
 
@@ -78,6 +80,11 @@ class PlannerConfig:
         if self.time_limit_seconds <= 0:
             raise ConfigError(
                 "planner.time_limit_seconds", f"must be > 0, got {self.time_limit_seconds}"
+            )
+        if self.solve_time_limit_seconds <= 0:
+            raise ConfigError(
+                "planner.solve_time_limit_seconds",
+                f"must be > 0, got {self.solve_time_limit_seconds}",
             )
         if not 0.0 <= self.mip_gap < 1.0:
             raise ConfigError("planner.mip_gap", f"must be in [0, 1), got {self.mip_gap}")

@@ -1,0 +1,281 @@
+"""`memplan plan [-m|--multirun] [HYDRA OVERRIDES]`: the dry run. Plans (no GPU, no torch)
+and prints the layout, the per-GPU memory breakdown, the per-layer policies, the predicted
+step time / tokens/s / MFU and how the solver got there. plan.out=PATH writes the plan JSON,
+plan.plot=PATH a PNG chart; plan.path=PATH prints an existing plan instead of planning.
+
+Multirun (`-m train.seq_len=32768,131072`) expands sweeps with Hydra's own override parser
+and BasicSweeper, plans every point and prints one comparison table; infeasible points are
+rows, not crashes. Exit codes (launch/cli.py): 2 bad input, 3 no point feasible.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from configs.errors import ConfigError
+from configs.schema import Config
+from launch.compose import compose_config
+from planner.errors import NoFeasiblePlan
+from planner.flops import matmul_params
+from planner.plan import LayerPlan, Plan, check_plan_matches
+
+GIB = 2**30
+
+
+def gib(nbytes: float) -> str:
+    return f"{nbytes / GIB:.2f} GiB"
+
+
+def _policy_key(layer: LayerPlan) -> tuple:
+    return (
+        layer.stage,
+        layer.recompute,
+        layer.offload_fraction,
+        layer.recompute_fraction,
+        layer.anchor_offload_fraction,
+    )
+
+
+def layer_runs(plan: Plan) -> list[tuple[int, int, LayerPlan]]:
+    """(first index, last index, policy) of each run of consecutive identical layers."""
+    runs = []
+    for _, group in itertools.groupby(plan.layers, key=_policy_key):
+        members = list(group)
+        runs.append((members[0].index, members[-1].index, members[0]))
+    return runs
+
+
+def layout_line(plan: Plan) -> str:
+    """'dp1 tp2 pp1 sp4 | ZeRO-3 (fsdp2) | 1 x 1 micro-batches | no pipeline'."""
+    lay = plan.layout
+    schedule = "no pipeline" if lay.pp == 1 else lay.pp_schedule
+    if lay.virtual_stages > 1:
+        schedule += f" ({lay.virtual_stages} stages per rank)"
+    return (
+        f"dp{lay.dp} tp{lay.tp} pp{lay.pp} sp{lay.sp} | ZeRO-{lay.zero_stage} "
+        f"({lay.zero_backend}) | {lay.micro_batch_size} seq x {lay.num_microbatches} "
+        f"micro-batches | {schedule}"
+    )
+
+
+def policy_totals(plan: Plan) -> str:
+    """Short summary: mean offload / anchor-offload / recompute fractions, modes used."""
+    n = len(plan.layers)
+    off = sum(layer.offload_fraction for layer in plan.layers) / n
+    anchor = sum(layer.anchor_offload_fraction for layer in plan.layers) / n
+    rec = sum(layer.recompute_fraction for layer in plan.layers) / n
+    full = sum(layer.recompute == "full" for layer in plan.layers)
+    sel = sum(layer.recompute == "selective" for layer in plan.layers)
+    return f"off {off:.2f} anc {anchor:.2f} rec {rec:.2f} full {full} sel {sel}"
+
+
+def memory_table(plan: Plan) -> Table:
+    m = plan.memory
+    table = Table(title="memory per GPU (most loaded pipeline rank)", title_justify="left")
+    table.add_column("part")
+    table.add_column("bytes", justify="right")
+    table.add_column("of budget", justify="right")
+    budget = m.gpu_budget_bytes
+    rows = [
+        ("params", m.params_bytes),
+        ("grads", m.grads_bytes),
+        ("optimizer states", m.optimizer_bytes),
+        ("activations (in flight)", m.activations_bytes),
+        ("other (transient, buffers)", m.other_bytes),
+    ]
+    for name, value in rows:
+        table.add_row(name, gib(value), f"{100 * value / budget:.1f}%")
+    table.add_row("[bold]peak[/bold]", f"[bold]{gib(m.gpu_peak_bytes)}[/bold]",
+                  f"{100 * m.gpu_peak_bytes / budget:.1f}%")  # fmt: skip
+    table.add_row(
+        "budget",
+        gib(budget),
+        f"= {gib(m.gpu_total_bytes)} - {gib(m.reserved_bytes)} reserve",
+    )
+    host_budget = m.host_budget_bytes_per_node or 1
+    table.add_row(
+        "host RAM per node",
+        gib(m.host_bytes_per_node),
+        f"{100 * m.host_bytes_per_node / host_budget:.1f}% of {gib(host_budget)}",
+    )
+    return table
+
+
+def ranks_table(plan: Plan) -> Table:
+    table = Table(title="per pipeline rank", title_justify="left")
+    for name in ("rank", "stages", "layers", "states", "activations", "other", "peak", "host"):
+        table.add_column(name, justify="right")
+    for r in plan.ranks:
+        states = r.params_bytes + r.grads_bytes + r.optimizer_bytes
+        table.add_row(
+            str(r.pp_rank),
+            ",".join(map(str, r.stages)),
+            str(r.num_layers),
+            gib(states),
+            gib(r.activations_bytes),
+            gib(r.other_bytes),
+            gib(r.peak_bytes),
+            gib(r.host_bytes),
+        )
+    return table
+
+
+def layers_table(plan: Plan) -> Table:
+    table = Table(
+        title="per-layer policy (token-local tensors: offloaded / recomputed / kept; "
+        "anchors = layer input + attention core)",
+        title_justify="left",
+    )
+    for name in ("layers", "stage", "recompute", "offload", "recompute tokens", "anchor offload"):
+        table.add_column(name, justify="right")
+    for first, last, layer in layer_runs(plan):
+        span = str(first) if first == last else f"{first}-{last}"
+        full = layer.recompute == "full"
+        table.add_row(
+            span,
+            str(layer.stage),
+            layer.recompute,
+            "-" if full else f"{layer.offload_fraction:.3f}",
+            "all" if full else f"{layer.recompute_fraction:.3f}",
+            f"{layer.anchor_offload_fraction:.3f}",
+        )
+    return table
+
+
+def time_table(plan: Plan, cfg: Config) -> Table:
+    t = plan.time
+    table = Table(title="predicted step", title_justify="left")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("step time", f"{t.step_seconds:.4g} s")
+    table.add_row("tokens/s", f"{t.tokens_per_second:,.0f}")
+    table.add_row("MFU", f"{100 * t.mfu:.1f}%")
+    for name in ("compute", "recompute", "exposed_transfer", "exposed_comm", "bubble", "optimizer"):
+        table.add_row(f"  {name.replace('_', ' ')}", f"{getattr(t, f'{name}_seconds'):.4g} s")
+    m = cfg.model
+    n_matmul = matmul_params(m)
+    table.caption = (
+        f"MFU = 6 N_matmul + 6 L s n_heads head_dim FLOPs per token (N_matmul={n_matmul:,}, "
+        f"L={m.num_layers}, s={cfg.train.seq_len}, n_heads={m.num_heads}, "
+        f"head_dim={m.resolved_head_dim}) x tokens/s / ({cfg.cluster.world_size} GPUs x "
+        f"{cfg.cluster.peak_tflops:g} TFLOP/s); recomputation excluded"
+    )
+    return table
+
+
+def print_plan(plan: Plan, cfg: Config, console: Console) -> None:
+    """The plan as rich tables."""
+    mdl, tr = plan.model, plan.train
+    console.print(
+        f"[bold]{mdl.name}[/bold] ({mdl.num_params / 1e9:.2f}B params) on "
+        f"[bold]{cfg.cluster.name}[/bold] ({cfg.cluster.num_nodes} x "
+        f"{cfg.cluster.gpus_per_node} {cfg.cluster.device}) | seq {tr.seq_len} x "
+        f"{tr.global_batch_size} sequences | {tr.dtype}"
+    )
+    console.print(f"layout: {layout_line(plan)}")
+    console.print(memory_table(plan))
+    if plan.layout.pp > 1:
+        console.print(ranks_table(plan))
+    console.print(layers_table(plan))
+    console.print(time_table(plan, cfg))
+    s = plan.solver
+    console.print(
+        f"solver: {s.name}, {s.status}, {s.solve_seconds:.2f} s, {s.candidates_evaluated} "
+        f"MILPs solved of {s.layouts_considered} layouts, gap {s.mip_gap:g}"
+    )
+
+
+def _write_outputs(plan: Plan, cfg: Config, console: Console) -> None:
+    if cfg.plan.out:
+        plan.write(cfg.plan.out)
+        console.print(f"wrote {cfg.plan.out}")
+    if cfg.plan.plot:
+        from planner.plot import write_plot
+
+        write_plot(plan, cfg.plan.plot)
+        console.print(f"wrote {cfg.plan.plot}")
+
+
+def plan_for(cfg: Config) -> Plan:
+    """plan.path (checked against the config), or a fresh plan."""
+    if cfg.plan.path:
+        plan = Plan.read(cfg.plan.path)
+        check_plan_matches(plan, cfg.model, cfg.cluster, cfg.train)
+        return plan
+    from planner.search import make_plan
+
+    return make_plan(cfg)
+
+
+def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
+    """Every combination of a multirun's sweeps (Hydra's parser and BasicSweeper)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as exc:
+        raise ConfigError("override", str(exc).splitlines()[0]) from exc
+    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    return [list(job) for batch in batches for job in batch]
+
+
+def run_multirun(overrides: Sequence[str], console: Console) -> int:
+    """Plan every sweep point; one comparison table. 3 when no point is feasible."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    swept = [o.key_or_group for o in parsed if o.is_sweep_override()]
+    jobs = expand_sweep(overrides)
+    configs = [compose_config(job) for job in jobs]  # bad input fails before any planning
+    table = Table(title=f"memplan plan: {len(jobs)} points", title_justify="left")
+    for key in swept:
+        table.add_column(key, justify="right")
+    for name in ("layout", "peak GPU", "host/node", "policies", "step s", "tok/s", "MFU"):
+        table.add_column(name, justify="right")
+    feasible = 0
+    for job, cfg in zip(jobs, configs, strict=True):
+        values = dict(item.split("=", 1) for item in job)
+        cells = [values.get(key, "") for key in swept]
+        started = time.perf_counter()
+        try:
+            plan = plan_for(cfg)
+        except NoFeasiblePlan as exc:
+            table.add_row(*cells, f"[red]infeasible[/red]: {exc}", "", "", "", "", "", "")
+            continue
+        feasible += 1
+        lay = plan.layout
+        table.add_row(
+            *cells,
+            f"dp{lay.dp} tp{lay.tp} pp{lay.pp} sp{lay.sp} z{lay.zero_stage} "
+            f"{lay.micro_batch_size}x{lay.num_microbatches} {lay.pp_schedule}",
+            gib(plan.memory.gpu_peak_bytes),
+            gib(plan.memory.host_bytes_per_node),
+            policy_totals(plan),
+            f"{plan.time.step_seconds:.4g}",
+            f"{plan.time.tokens_per_second:,.0f}",
+            f"{100 * plan.time.mfu:.1f}% ({time.perf_counter() - started:.1f}s)",
+        )
+    console.print(table)
+    return 0 if feasible else 3
+
+
+def run(args: Sequence[str]) -> int:
+    """Entry point of `memplan plan` (launch/cli.py maps ConfigError and NoFeasiblePlan)."""
+    args = list(args)
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    overrides = [a for a in args if a not in ("-m", "--multirun")]
+    console = Console()
+    if multirun:
+        return run_multirun(overrides, console)
+    cfg = compose_config(overrides)
+    plan = plan_for(cfg)
+    print_plan(plan, cfg, console)
+    _write_outputs(plan, cfg, console)
+    return 0
