@@ -442,6 +442,8 @@ class DTensorHandle:
     def unpack_with(self, local: Tensor) -> Tensor:
         from torch.distributed.tensor import DTensor
 
+        if isinstance(local, DTensor):  # a regenerated tensor is captured as the DTensor
+            return local
         return DTensor.from_local(
             local, self.mesh, self.placements, run_check=False, shape=self.shape, stride=self.stride
         )
