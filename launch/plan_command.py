@@ -11,6 +11,8 @@ rows, not crashes. Exit codes (launch/cli.py): 2 bad input, 3 no point feasible.
 from __future__ import annotations
 
 import itertools
+import os
+import sys
 import time
 from collections.abc import Sequence
 
@@ -147,7 +149,7 @@ def layers_table(plan: Plan) -> Table:
     return table
 
 
-def time_table(plan: Plan, cfg: Config) -> Table:
+def time_table(plan: Plan) -> Table:
     t = plan.time
     table = Table(title="predicted step", title_justify="left")
     table.add_column("what")
@@ -157,15 +159,18 @@ def time_table(plan: Plan, cfg: Config) -> Table:
     table.add_row("MFU", f"{100 * t.mfu:.1f}%")
     for name in ("compute", "recompute", "exposed_transfer", "exposed_comm", "bubble", "optimizer"):
         table.add_row(f"  {name.replace('_', ' ')}", f"{getattr(t, f'{name}_seconds'):.4g} s")
-    m = cfg.model
-    n_matmul = matmul_params(m)
-    table.caption = (
-        f"MFU = 6 N_matmul + 6 L s n_heads head_dim FLOPs per token (N_matmul={n_matmul:,}, "
-        f"L={m.num_layers}, s={cfg.train.seq_len}, n_heads={m.num_heads}, "
-        f"head_dim={m.resolved_head_dim}) x tokens/s / ({cfg.cluster.world_size} GPUs x "
-        f"{cfg.cluster.peak_tflops:g} TFLOP/s); recomputation excluded"
-    )
     return table
+
+
+def flop_formula(cfg: Config) -> str:
+    """How MFU is counted, with this model's numbers."""
+    m = cfg.model
+    return (
+        f"MFU = (6 N_matmul + 6 L s n_heads head_dim) FLOPs per token x tokens/s / (GPUs x peak)"
+        f" with N_matmul={matmul_params(m):,}, L={m.num_layers}, s={cfg.train.seq_len}, "
+        f"n_heads={m.num_heads}, head_dim={m.resolved_head_dim}, {cfg.cluster.world_size} GPUs "
+        f"x {cfg.cluster.peak_tflops:g} TFLOP/s; recomputation is not counted"
+    )
 
 
 def print_plan(plan: Plan, cfg: Config, console: Console) -> None:
@@ -182,7 +187,8 @@ def print_plan(plan: Plan, cfg: Config, console: Console) -> None:
     if plan.layout.pp > 1:
         console.print(ranks_table(plan))
     console.print(layers_table(plan))
-    console.print(time_table(plan, cfg))
+    console.print(time_table(plan))
+    console.print(flop_formula(cfg))
     s = plan.solver
     console.print(
         f"solver: {s.name}, {s.status}, {s.solve_seconds:.2f} s, {s.candidates_evaluated} "
@@ -271,7 +277,8 @@ def run(args: Sequence[str]) -> int:
     args = list(args)
     multirun = any(a in ("-m", "--multirun") for a in args)
     overrides = [a for a in args if a not in ("-m", "--multirun")]
-    console = Console()
+    piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    console = Console(width=140 if piped else None)  # rich assumes 80 columns in a pipe
     if multirun:
         return run_multirun(overrides, console)
     cfg = compose_config(overrides)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import pulp
@@ -112,7 +113,9 @@ def _solver(name: str, time_limit: float, gap: float, cutoff: float | None) -> p
         options = {} if cutoff is None else {"objective_bound": cutoff}
         return pulp.HiGHS(msg=False, timeLimit=time_limit, gapRel=gap, threads=1, **options)
     options = [] if cutoff is None else [f"cutoff {cutoff!r}"]
-    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=gap, options=options)
+    with warnings.catch_warnings():  # PuLP 3.3 deprecates its bundled CBC, still the fallback
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=gap, options=options)
 
 
 def solve_layout(
@@ -129,7 +132,8 @@ def solve_layout(
     """Build and solve the MILP for one layout.
 
     objective "time": minimal step time within the GPU and host budgets.
-    objective "gpu": minimal per-GPU peak (GPU budget dropped; host budget kept).
+    objective "gpu": minimal per-GPU peak (GPU and host budgets dropped: what the GPU
+    needs even with unlimited host RAM).
     objective "host": minimal host bytes per node (host budget dropped; GPU budget kept).
     cutoff: only solutions with a smaller objective are wanted (the best step time so far);
     a layout that cannot beat it comes back without a solution, status "Cut off".
@@ -147,46 +151,47 @@ def solve_layout(
     # ---------------------------------------------------------------- decision variables
     # n[c][m] ∈ Z≥0: number of layers of stage c that use recompute mode m
     n = {
-        c: {m: pulp.LpVariable(f"n_{c}_{m}", 0, L, cat=pulp.LpInteger) for m in modes}
+        c: {m: prob.add_variable(f"n_{c}_{m}", 0, L, cat=pulp.LpInteger) for m in modes}
         for c in range(S)
     }
     # A[c][m] ∈ [0, L]: sum over those layers of offload_fraction (token-local tensors)
     A = {
-        c: {m: pulp.LpVariable(f"A_{c}_{m}", 0, L if costs.offload else 0) for m in SPLIT_MODES}
+        c: {m: prob.add_variable(f"A_{c}_{m}", 0, L if costs.offload else 0) for m in SPLIT_MODES}
         for c in range(S)
     }
     # R[c][m] ∈ [0, L]: sum over those layers of recompute_fraction (token-wise recompute)
-    R = {c: {m: pulp.LpVariable(f"R_{c}_{m}", 0, L) for m in SPLIT_MODES} for c in range(S)}
+    R = {c: {m: prob.add_variable(f"R_{c}_{m}", 0, L) for m in SPLIT_MODES} for c in range(S)}
     # Bq[c][m] ∈ [0, L]: sum over those layers of anchor_offload_fraction
     Bq = {
-        c: {m: pulp.LpVariable(f"Bq_{c}_{m}", 0, L if costs.offload else 0) for m in modes}
+        c: {m: prob.add_variable(f"Bq_{c}_{m}", 0, L if costs.offload else 0) for m in modes}
         for c in range(S)
     }
     # Xf[c][m], Xb[c][m] ≥ 0: host-transfer seconds not hidden behind forward / backward
-    Xf = {c: {m: pulp.LpVariable(f"Xf_{c}_{m}", 0) for m in modes} for c in range(S)}
-    Xb = {c: {m: pulp.LpVariable(f"Xb_{c}_{m}", 0) for m in modes} for c in range(S)}
+    Xf = {c: {m: prob.add_variable(f"Xf_{c}_{m}", 0) for m in modes} for c in range(S)}
+    Xb = {c: {m: prob.add_variable(f"Xb_{c}_{m}", 0) for m in modes} for c in range(S)}
     # y[p] ∈ {0, 1}: rank p offloads or recomputes something (its backward re-materialises)
-    y = [pulp.LpVariable(f"y_{p}", cat=pulp.LpBinary) for p in range(lay.pp)]
+    y = [prob.add_variable(f"y_{p}", cat=pulp.LpBinary) for p in range(lay.pp)]
     # uA[p][m], uB[p][m] ∈ {0, 1}: rank p offloads token-local tensors / anchors of mode-m layers
     uA = [
-        {m: pulp.LpVariable(f"uA_{p}_{m}", cat=pulp.LpBinary) for m in SPLIT_MODES}
+        {m: prob.add_variable(f"uA_{p}_{m}", cat=pulp.LpBinary) for m in SPLIT_MODES}
         for p in range(lay.pp)
     ]
     uB = [
-        {m: pulp.LpVariable(f"uB_{p}_{m}", cat=pulp.LpBinary) for m in modes} for p in range(lay.pp)
+        {m: prob.add_variable(f"uB_{p}_{m}", cat=pulp.LpBinary) for m in modes}
+        for p in range(lay.pp)
     ]
     # pf[p] ≥ 0: GiB of the next layer prefetched from the host during a backward on rank p
-    pf = [pulp.LpVariable(f"prefetch_{p}", 0) for p in range(lay.pp)]
+    pf = [prob.add_variable(f"prefetch_{p}", 0) for p in range(lay.pp)]
     # hst[p] ≥ 0: peak offloaded GiB of one GPU of pp rank p (all in-flight micro-batches)
-    hst = [pulp.LpVariable(f"host_{p}", 0) for p in range(lay.pp)]
+    hst = [prob.add_variable(f"host_{p}", 0) for p in range(lay.pp)]
     # M: the slowest stage's time per micro-batch; Mr: the busiest rank's (lower bounds: the
     # best integer layer split without any recompute, `floors`)
-    M = pulp.LpVariable("max_stage_seconds", floors[0])
-    Mr = pulp.LpVariable("max_rank_seconds", floors[1])
+    M = prob.add_variable("max_stage_seconds", floors[0])
+    Mr = prob.add_variable("max_rank_seconds", floors[1])
     # Mz: the largest zero-bubble residue F + B - 3W of a stage
-    Mz = pulp.LpVariable("max_zero_bubble_seconds", floors[2])
+    Mz = prob.add_variable("max_zero_bubble_seconds", floors[2])
     # tail ≥ 0: optimizer step + end-of-step ZeRO traffic not hidden (slowest rank)
-    tail = pulp.LpVariable("tail_seconds", 0)
+    tail = prob.add_variable("tail_seconds", 0)
 
     # -------------------------------------------------------------------- expressions
     layers = {c: pulp.lpSum(n[c].values()) for c in range(S)}
@@ -300,7 +305,7 @@ def solve_layout(
     #   states + sum_c t_c (kept_c + constants_c) + buffers + transient <= budget
     #   transient = max(layer backward phase, loss phase); the layer phase holds one layer's
     #   re-materialised tensors when y[p] = 1 plus the next layer's prefetch pf[p]
-    peak = pulp.LpVariable("peak_gib", 0) if objective == "gpu" else None
+    peak = prob.add_variable("peak_gib", 0) if objective == "gpu" else None
     budget = (costs.budget_bytes - ROUNDING_MARGIN_BYTES) / UNIT
     buffers = (2 * costs.boundary_bytes if lay.pp > 1 else 0.0) / UNIT
     layer_phase = (costs.workspace_bytes + costs.zero_layer_transient_bytes) / UNIT
@@ -326,7 +331,7 @@ def solve_layout(
 
     # [Constraint] host RAM: hst[p] >= offloaded bytes of every in-flight vector of rank p,
     #   and per node: sum over its GPUs of (hst + checkpoint staging) <= host budget
-    host_peak = pulp.LpVariable("host_peak_gib", 0) if objective == "host" else None
+    host_peak = prob.add_variable("host_peak_gib", 0) if objective == "host" else None
     for p, chunk_list in enumerate(stages.rank_stages):
         for k, vec in enumerate(stages.inflight[p]):
             offloaded = pulp.lpSum(
@@ -350,6 +355,8 @@ def solve_layout(
         )
         if host_peak is not None:
             prob += host_peak >= node, f"host_peak_node_{k}"
+        elif objective == "gpu":
+            continue
         else:
             prob += node <= host_budget, f"host_memory_node_{k}"
 

@@ -98,45 +98,19 @@ def test_check_layout_names_the_broken_rule():
     good = Layout(dp=8, tp=1, pp=1, sp=1, zero_stage=1, micro_batch_size=2, num_microbatches=1,
                   pp_schedule="none", zero_backend="fsdp2")  # fmt: skip
     check_layout(good, cfg.model, cfg.cluster, cfg.train)
+    pipeline = {"dp": 1, "pp": 8, "micro_batch_size": 2, "num_microbatches": 8}
     cases = [
-        (dict(dp=4), "!= num_nodes*gpus_per_node"),
-        (dict(dp=2, tp=4, sp=1, micro_batch_size=8), None),
-        (dict(dp=1, sp=8, micro_batch_size=16), None),
-        (
-            dict(
-                dp=1, tp=1, sp=1, pp=8, micro_batch_size=4, num_microbatches=4, pp_schedule="1f1b"
-            ),
-            "num_microbatches=4 < pp=8",
-        ),  # fmt: skip
-        (
-            dict(
-                dp=1, pp=8, micro_batch_size=2, num_microbatches=8, pp_schedule="interleaved_1f1b"
-            ),
-            "virtual_stages>=2",
-        ),  # fmt: skip
-        (
-            dict(
-                dp=1,
-                pp=8,
-                micro_batch_size=2,
-                num_microbatches=8,
-                virtual_stages=3,
-                pp_schedule="zbv_zero_bubble",
-            ),
-            "virtual_stages=2",
-        ),  # fmt: skip
-        (
-            dict(
-                dp=1,
-                pp=8,
-                micro_batch_size=1,
-                num_microbatches=16,
-                virtual_stages=8,
-                pp_schedule="interleaved_1f1b",
-            ),
-            "exceeds num_layers",
-        ),  # fmt: skip
-    ]
+        ({"dp": 4}, "!= num_nodes*gpus_per_node"),
+        ({"dp": 2, "tp": 4, "micro_batch_size": 8}, None),
+        ({"dp": 1, "sp": 8, "micro_batch_size": 16}, None),
+        ({**pipeline, "micro_batch_size": 4, "num_microbatches": 4, "pp_schedule": "1f1b"},
+         "num_microbatches=4 < pp=8"),
+        ({**pipeline, "pp_schedule": "interleaved_1f1b"}, "virtual_stages>=2"),
+        ({**pipeline, "virtual_stages": 3, "pp_schedule": "zbv_zero_bubble"},
+         "virtual_stages=2"),
+        ({**pipeline, "micro_batch_size": 1, "num_microbatches": 16, "virtual_stages": 8,
+          "pp_schedule": "interleaved_1f1b"}, "exceeds num_layers"),
+    ]  # fmt: skip
     for change, message in cases:
         layout = dataclasses.replace(good, **change)
         problems = layout_problems(layout, cfg.model, cfg.cluster, cfg.train)

@@ -1,0 +1,195 @@
+"""make_plan end to end: the demo, the MEMO setting (7B, 1M tokens, 8 x A800, 2 TB vs 256 GB
+host RAM), monotonicity, budgets, the plan's own consistency, infeasibility messages and
+the 70B / 64-GPU search time."""
+
+import dataclasses
+import time
+
+import pytest
+
+from configs.errors import ConfigError
+from launch.compose import compose_config
+from planner.errors import NoFeasiblePlan
+from planner.memory import predict_stage_memory
+from planner.plan import Plan
+from planner.search import make_plan, minimum_use
+from planner.timing import predict_step_time
+
+MEMO = [
+    "model=llama2_7b",
+    "cluster=a800_8x",
+    "train.seq_len=1048576",
+    "train.global_batch_size=1",
+]
+SMALL = [
+    "model=llama3_2_1b",
+    "cluster=h100_8x",
+    "cluster.gpus_per_node=2",
+    "train.global_batch_size=4",
+    "planner.mip_gap=0",
+    "planner.solve_time_limit_seconds=5",
+]
+
+
+def offloaded(plan: Plan) -> float:
+    """Token fractions sent to the host, summed over layers (anchors and local tensors)."""
+    return sum(layer.offload_fraction + layer.anchor_offload_fraction for layer in plan.layers)
+
+
+def recomputed(plan: Plan) -> float:
+    """Token fractions recomputed, summed over layers (a fully recomputed layer counts 1)."""
+    return sum(
+        1.0 if layer.recompute == "full" else layer.recompute_fraction for layer in plan.layers
+    )
+
+
+def assert_within_budgets(plan: Plan) -> None:
+    m = plan.memory
+    assert 0 < m.gpu_peak_bytes <= m.gpu_budget_bytes
+    assert m.host_bytes_per_node <= m.host_budget_bytes_per_node
+    parts = m.params_bytes + m.grads_bytes + m.optimizer_bytes + m.activations_bytes
+    assert parts + m.other_bytes == m.gpu_peak_bytes
+
+
+def test_demo_plan_is_quick_and_keeps_everything():
+    cfg = compose_config([])
+    started = time.perf_counter()
+    plan = make_plan(cfg)
+    assert time.perf_counter() - started < 1.0
+    assert plan.layout.world_size == 1 and plan.layout.pp_schedule == "none"
+    assert plan.train.dtype == "fp32"  # cluster=cpu trains in fp32
+    assert plan.layout.micro_batch_size * plan.layout.num_microbatches == 16
+    assert all(
+        (layer.offload_fraction, layer.recompute, layer.recompute_fraction,
+         layer.anchor_offload_fraction) == (0.0, "none", 0.0, 0.0)
+        for layer in plan.layers
+    )  # fmt: skip
+    assert plan.memory.host_bytes_per_node == 0
+    assert plan.solver.status == "optimal"
+    assert_within_budgets(plan)
+
+
+@pytest.fixture(scope="module")
+def memo_plans():
+    return (
+        make_plan(compose_config(MEMO)),
+        make_plan(compose_config([*MEMO, "cluster.host_memory_gib=256"])),
+    )
+
+
+def test_memo_setting_offloads_at_high_mfu(memo_plans):
+    plan, _ = memo_plans
+    assert_within_budgets(plan)
+    assert plan.layout.world_size == 8 and plan.layout.sp > 1  # 1M tokens must be split
+    assert offloaded(plan) > 0 and plan.memory.host_bytes_per_node > 0
+    assert 0.35 <= plan.time.mfu <= 0.60
+    assert plan.time.exposed_transfer_seconds < 0.01 * plan.time.step_seconds
+
+
+def test_less_host_ram_offloads_less_and_recomputes_more(memo_plans):
+    plan, small = memo_plans
+    assert_within_budgets(small)
+    assert small.memory.host_bytes_per_node < plan.memory.host_bytes_per_node
+    assert small.memory.host_bytes_per_node <= 256 * 2**30
+    assert offloaded(small) < offloaded(plan)
+    assert recomputed(small) > recomputed(plan)
+    assert small.time.step_seconds > plan.time.step_seconds
+
+
+def test_plan_is_consistent_with_its_evaluation(memo_plans):
+    """The plan's numbers are the evaluator's, and the JSON round-trips."""
+    cfg = compose_config(MEMO)
+    plan, _ = memo_plans
+    ranks = predict_stage_memory(plan, cfg)
+    assert tuple(ranks) == plan.ranks
+    assert max(r.peak_bytes for r in ranks) == plan.memory.gpu_peak_bytes
+    assert predict_step_time(plan, cfg) == plan.time
+    assert Plan.from_dict(plan.to_dict()) == plan
+    t = plan.time
+    parts = (t.compute_seconds + t.recompute_seconds + t.exposed_transfer_seconds
+             + t.exposed_comm_seconds + t.bubble_seconds + t.optimizer_seconds)  # fmt: skip
+    assert parts == pytest.approx(t.step_seconds, rel=1e-9)
+
+
+def test_more_gpu_memory_is_never_slower():
+    times = []
+    for gib in (20, 24, 32, 48, 80):
+        plan = make_plan(compose_config([*SMALL, "train.seq_len=32768",
+                                         f"cluster.gpu_memory_gib={gib}"]))  # fmt: skip
+        assert plan.solver.status == "optimal"
+        assert_within_budgets(plan)
+        times.append(plan.time.step_seconds)
+    for slower, faster in zip(times, times[1:], strict=False):
+        assert faster <= slower * (1 + 1e-6)
+    assert times[-1] < times[0]  # memory pressure did cost something
+
+
+def test_longer_sequence_never_needs_less_memory():
+    needs = []
+    for seq in (4096, 8192, 16384, 32768):
+        cfg = compose_config([*SMALL, f"train.seq_len={seq}", "planner.sp=1", "planner.dp=2"])
+        needs.append(minimum_use(cfg, "gpu", 20.0))
+    assert all(n is not None for n in needs)
+    for shorter, longer in zip(needs, needs[1:], strict=False):
+        assert longer >= shorter
+    assert needs[-1] > needs[0]
+
+
+def test_pipeline_plan_assigns_contiguous_stages():
+    cfg = compose_config(["model=llama2_7b", "cluster=h100_8x", "planner.pp=4", "planner.tp=2"])
+    plan = make_plan(cfg)
+    stages = [layer.stage for layer in plan.layers]
+    assert stages == sorted(stages)
+    assert set(stages) == set(range(plan.layout.num_stages))
+    assert plan.layout.pp == 4 and plan.layout.pp_schedule != "none"
+    assert len(plan.ranks) == 4
+    assert_within_budgets(plan)
+
+
+def test_gpu_memory_binding_message():
+    cfg = compose_config(["model=llama3_70b", "cluster=h100_1x"])
+    with pytest.raises(NoFeasiblePlan) as caught:
+        make_plan(cfg)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("needs ") and "GiB per GPU at best; budget 74.5 GiB" in message
+    assert "feasible with 32 GPUs (cluster.num_nodes=32)" in message
+
+
+def test_host_memory_binding_message():
+    cfg = compose_config([*MEMO, "cluster.host_memory_gib=16"])
+    with pytest.raises(NoFeasiblePlan) as caught:
+        make_plan(cfg)
+    message = str(caught.value)
+    assert message.startswith("host RAM binds: needs ")
+    assert "cluster.host_memory_gib>=" in message and "train.seq_len<=" in message
+    suggested = int(message.split("cluster.host_memory_gib>=")[1].split()[0])
+    plan = make_plan(compose_config([*MEMO, f"cluster.host_memory_gib={suggested}"]))
+    assert_within_budgets(plan)
+
+
+def test_micro_batch_that_fits_no_layout_is_bad_input():
+    cfg = compose_config(["train.micro_batch_size=3"])
+    with pytest.raises(ConfigError, match="train.micro_batch_size"):
+        make_plan(cfg)
+
+
+def test_cbc_finds_the_same_plan_as_highs():
+    base = compose_config([*SMALL, "train.seq_len=32768", "cluster.gpu_memory_gib=24"])
+    highs = make_plan(base)
+    cbc = make_plan(dataclasses.replace(base, planner=dataclasses.replace(base.planner,
+                                                                          solver="cbc")))  # fmt: skip
+    assert (highs.solver.name, cbc.solver.name) == ("HiGHS", "CBC")
+    assert cbc.time.step_seconds == pytest.approx(highs.time.step_seconds, rel=1e-4)
+
+
+def test_70b_on_64_gpus_full_search_is_fast():
+    cfg = compose_config(["model=llama3_70b", "cluster=h100_64x", "train.seq_len=8192",
+                          "train.global_batch_size=256"])  # fmt: skip
+    started = time.perf_counter()
+    plan = make_plan(cfg)
+    assert time.perf_counter() - started <= 10.0
+    assert plan.solver.layouts_considered > 5000
+    assert plan.layout.world_size == 64
+    assert 0.3 < plan.time.mfu < 0.7
+    assert_within_budgets(plan)
