@@ -144,6 +144,29 @@ class DeepSpeedRuntime:
         self.engine.destroy()
 
 
+@torch.no_grad()
+def _create_state(optimizer: torch.optim.Optimizer, wrapper: Any) -> None:
+    """AdamW steps at lr 0 on zero gradients: create every state tensor (zeros) and change
+    no parameter (what torch.distributed.checkpoint does for torch optimizers). ZeRO-3 puts
+    each flat fp32 partition into its param group only around its own step; do the same."""
+    flats = getattr(wrapper, "fp32_partitioned_groups_flat", None)
+    if flats is None:  # ZeRO-0/1/2: the param groups hold the (flat) parameters
+        groups = [(group, list(group["params"])) for group in optimizer.param_groups]
+    else:
+        to_group = wrapper.sub_group_to_group_id
+        groups = [(optimizer.param_groups[to_group[i]], [flat]) for i, flat in enumerate(flats)]
+    for group, params in groups:
+        saved_params, saved_lr = group["params"], group["lr"]
+        saved_grads = [p.grad for p in params]
+        group["params"], group["lr"] = params, 0.0
+        for param in params:
+            param.grad = torch.zeros_like(param)
+        optimizer.step()
+        for param, grad in zip(params, saved_grads, strict=True):
+            param.grad = grad
+        group["params"], group["lr"] = saved_params, saved_lr
+
+
 def _param_items(runtime: DeepSpeedRuntime) -> list[tuple[str, nn.Parameter]]:
     return list(runtime.model.named_parameters())
 
@@ -189,8 +212,20 @@ class DeepSpeedOptimizerState(Stateful):
         self.runtime = runtime
 
     def _base(self) -> torch.optim.Optimizer:
+        """The torch optimizer DeepSpeed steps, its state created if no step ran yet (a
+        resume loads into it: ZeRO-3 creates optimizer state lazily)."""
         optimizer = self.runtime.engine.optimizer
-        return getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch optimizer
+        base = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch optimizer
+        if not base.state:
+            _create_state(base, optimizer)
+        link = getattr(optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:
+            # ZeRO-1/2 map each parameter to its state fragments once, right after the first
+            # param group's first step: the other groups have no state yet then (DeepSpeed
+            # 0.19), so their fragments stay empty. Map again now that every group has one.
+            optimizer._hp_optimizer_states_linked = False
+            link()
+        return base
 
     def _step(self) -> Tensor:
         for state in self._base().state.values():

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -123,6 +125,64 @@ CASES = [
 ]  # fmt: skip
 
 
+RESUME_AT = 3
+
+
+@dataclass(frozen=True)
+class ResumeCase:
+    """Train `first` for RESUME_AT steps with a checkpoint (checkpoint.exit_after), then
+    `second` (another layout, same world size) resumes from it to STEPS: its losses must be
+    the single-process ones, so the checkpoint resharded between layouts."""
+
+    name: str
+    world: int
+    first: Case
+    second: Case
+
+    def write(self, directory: Path) -> Path:
+        checkpoints = directory / "checkpoints"
+        common = (f"checkpoint.dir={checkpoints}", "checkpoint.async_mode=thread")
+        stop = (
+            f"checkpoint.every={RESUME_AT}",
+            f"checkpoint.exit_after={RESUME_AT}",
+            "checkpoint.resume=none",
+        )
+        for part, extra in (("first", stop), ("second", ())):
+            case = getattr(self, part)
+            dataclasses.replace(case, overrides=(*case.overrides, *common, *extra)).write(
+                directory / part
+            )
+        return directory
+
+
+def _resume(first: Case, second: Case) -> ResumeCase:
+    return ResumeCase(f"resume_{first.name}_to_{second.name}", first.world, first, second)
+
+
+RESUME_CASES = [
+    # tied copy + flattened optimizer state: pipeline (V) -> FSDP
+    _resume(
+        Case("pp2_zbv_tied", 2, _pp("zbv_zero_bubble", 2), TIED, micro_batch_size=2),
+        Case("dp2_zero3_tied", 2, {"dp": 2, "zero_stage": 3}, TIED),
+    ),
+    # DeepSpeed ZeRO-2 -> Ulysses with ZeRO-1 owners, and FSDP ZeRO-1 -> DeepSpeed ZeRO-3
+    _resume(
+        Case("dp2_zero2_deepspeed", 2, {"dp": 2, "zero_stage": 2, "zero_backend": "deepspeed"}),
+        Case("sp2_zero1", 2, {"sp": 2, "zero_stage": 1}, micro_batch_size=4),
+    ),
+    _resume(
+        Case("dp2_zero1_fsdp2", 2, {"dp": 2, "zero_stage": 1}),
+        Case("dp2_zero3_deepspeed", 2, {"dp": 2, "zero_stage": 3, "zero_backend": "deepspeed"}),
+    ),
+    # interleaved pipeline with ZeRO-1 -> FSDP x TP x Ulysses
+    _resume(
+        Case("dp2_pp2_zero1", 4, {"dp": 2, **_pp("interleaved_1f1b", 2, zero_stage=1)},
+             micro_batch_size=2),
+        Case("tp2_sp2_zero3", 4, {"tp": 2, "sp": 2, "zero_stage": 3}, micro_batch_size=4),
+    ),
+]  # fmt: skip
+
+
 PLANNER_STEPS = 2
 
 
@@ -196,3 +256,32 @@ def run_worker(
     )
     results = json.loads(out.read_text()) if out.exists() else {}
     return results, (done.stdout + done.stderr)[-6000:]
+
+
+_LOSS = re.compile(r"step (\d+) \| loss (\d+\.\d{4}) \|")
+
+
+def printed_losses(output: str) -> dict[int, float]:
+    """Losses of the metrics lines (`step N | loss X.XXXX | ...`) by step."""
+    return {int(step): float(loss) for step, loss in _LOSS.findall(output)}
+
+
+def memplan_train(case: Case, plan: Path, root: Path) -> subprocess.CompletedProcess:
+    """`memplan train` of the case's plan, as a user runs it."""
+    script = Path(sys.executable).parent / "memplan"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "launch.cli"]
+    return subprocess.run(
+        [
+            *command,
+            "train",
+            f"plan.path={plan}",
+            *case.overrides_for_cli(),
+            f"launch.run_dir={root / case.name}",
+        ],
+        cwd=REPO,
+        env={**os.environ, "WANDB_MODE": "offline"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )

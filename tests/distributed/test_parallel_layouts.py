@@ -1,6 +1,8 @@
 """Every layout of the table, and every kind of layout the planner can emit, trains exactly
 like one process: same losses and gradient norms (relative difference <= 1e-5, fp32) and
 the same final parameters, read through the runtime's checkpointable (FQN-keyed) state.
+Checkpoints written by one layout resume in another (framework.trainer.train with
+checkpoint.exit_after, then resume=auto) and continue with the single-process losses.
 
 One torchrun per world size trains all its cases (tests/distributed/layout_worker.py drives
 the trainer's build_runtime -> build_parallel_runtime with the trainer's data loader).
@@ -10,7 +12,16 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed.layouts import CASES, Case, planner_kind_cases, run_worker
+from tests.distributed.layouts import (
+    CASES,
+    RESUME_AT,
+    RESUME_CASES,
+    STEPS,
+    Case,
+    ResumeCase,
+    planner_kind_cases,
+    run_worker,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -30,7 +41,7 @@ def planner_cases() -> list[Case]:
 def results(tmp_path_factory, planner_cases) -> tuple[dict, dict[int, str]]:
     """Results of every table and planner case, and each world size's torchrun output."""
     merged, logs = {}, {}
-    cases = CASES + planner_cases
+    cases = [*CASES, *planner_cases, *RESUME_CASES]
     for world in sorted({case.world for case in cases}):
         root = tmp_path_factory.mktemp(f"world{world}")
         found, logs[world] = run_worker([c for c in cases if c.world == world], world, root)
@@ -72,3 +83,14 @@ def test_every_planner_layout_kind_matches_one_process(planner_cases, results) -
         case.name: problems(case, found.get(case.name), logs[case.world]) for case in planner_cases
     }
     assert not {name: p for name, p in failures.items() if p}
+
+
+@pytest.mark.parametrize("case", RESUME_CASES, ids=[c.name for c in RESUME_CASES])
+def test_checkpoint_resumes_in_another_layout(case: ResumeCase, results) -> None:
+    found, logs = results
+    result = found.get(case.name)
+    assert result is not None, logs[case.world]
+    assert result["start_step"] == RESUME_AT
+    assert result["steps"] == list(range(RESUME_AT + 1, STEPS + 1))
+    for got, want in zip(result["losses"], result["ref_losses"], strict=True):
+        assert abs(got - want) <= LOSS_RTOL * abs(want), (result["losses"], result["ref_losses"])
