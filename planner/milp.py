@@ -24,6 +24,8 @@ said otherwise):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import os
 import time
 import warnings
@@ -105,17 +107,23 @@ def solver_name(choice: str) -> str:
     return "HiGHS" if highs_ok else "CBC"
 
 
-def _solver(name: str, time_limit: float, gap: float, cutoff: float | None) -> pulp.LpSolver:
+def _solver(
+    name: str, time_limit: float, gap: float, cutoff: float | None, mip: bool = True
+) -> pulp.LpSolver:
     """A bounded solver; `cutoff` prunes every branch that cannot beat it (no solution
-    below it reads as infeasible)."""
+    below it reads as infeasible); mip=False solves the LP relaxation."""
     if name == "HiGHS":
         _silence_highs_banner()
         options = {} if cutoff is None else {"objective_bound": cutoff}
-        return pulp.HiGHS(msg=False, timeLimit=time_limit, gapRel=gap, threads=1, **options)
+        return pulp.HiGHS(
+            mip=mip, msg=False, timeLimit=time_limit, gapRel=gap, threads=1, **options
+        )
     options = [] if cutoff is None else [f"cutoff {cutoff!r}"]
     with warnings.catch_warnings():  # PuLP 3.3 deprecates its bundled CBC, still the fallback
         warnings.simplefilter("ignore", DeprecationWarning)
-        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=gap, options=options)
+        return pulp.PULP_CBC_CMD(
+            mip=mip, msg=False, timeLimit=time_limit, gapRel=gap, options=options
+        )
 
 
 def solve_layout(
@@ -128,6 +136,7 @@ def solve_layout(
     objective: str = "time",
     cutoff: float | None = None,
     floors: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    stage_layers: list[int] | None = None,
 ) -> MilpResult:
     """Build and solve the MILP for one layout.
 
@@ -193,8 +202,11 @@ def solve_layout(
     # tail ≥ 0: optimizer step + end-of-step ZeRO traffic not hidden (slowest rank)
     tail = prob.add_variable("tail_seconds", 0)
 
+    # N[c] ∈ Z, 1..L-S+1: number of layers of stage c (= sum over modes of n[c][m])
+    N = {c: prob.add_variable(f"N_{c}", 1, L - S + 1, cat=pulp.LpInteger) for c in range(S)}
+
     # -------------------------------------------------------------------- expressions
-    layers = {c: pulp.lpSum(n[c].values()) for c in range(S)}
+    layers = N
     cost = costs.modes
     # memory rows are written in GiB (UNIT): byte-sized coefficients next to seconds-sized
     # ones make the solver's tolerances meaningless
@@ -252,10 +264,13 @@ def solve_layout(
     stage_s = {c: fwd_s[c] + bwd_s[c] for c in range(S)}
 
     # --------------------------------------------------------------------- constraints
-    # [Constraint] every layer sits in exactly one stage; every stage has at least one
-    prob += pulp.lpSum(layers.values()) == L, "all_layers_assigned"
+    # [Constraint] every layer sits in exactly one stage (every stage has at least one:
+    #   N's lower bound), and a stage's layers are split over the recompute modes
+    prob += pulp.lpSum(N.values()) == L, "all_layers_assigned"
     for c in range(S):
-        prob += layers[c] >= 1, f"stage_{c}_nonempty"
+        prob += pulp.lpSum(n[c].values()) == N[c], f"stage_{c}_modes"
+        if stage_layers is not None:  # a given split: only the policies are chosen
+            N[c].lowBound = N[c].upBound = stage_layers[c]
 
     # [Constraint] per layer: offload_fraction + recompute_fraction <= 1, anchor fraction <= 1
     #   summed over a (stage, mode) group of n layers:  A + R <= n,  Bq <= n
@@ -399,37 +414,85 @@ def solve_layout(
     else:
         prob += step
 
-    prob.solve(_solver(solver, max(time_limit, 0.01), gap, cutoff))
-    status = pulp.LpStatus[prob.status]
-    solution = pulp.LpSolution[prob.sol_status]
-    seconds = time.perf_counter() - started
-    # HiGHS names why it stopped (PuLP folds "Time limit reached" and "Objective bound" into
-    # one status); CBC: a solution short of optimal means the time limit
-    if solver == "HiGHS":
-        reason = prob.solverModel.modelStatusToString(prob.solverModel.getModelStatus())
-        time_limited = reason == "Time limit reached"
-    else:
-        time_limited = status == "Not Solved" or solution == "Solution Found"
-    found = solution in ("Optimal Solution Found", "Solution Found")
-    if cutoff is not None and (not found or float(pulp.value(prob.objective)) >= cutoff):
-        return MilpResult("Cut off", "No solution below the cutoff", float("inf"), seconds,
-                          time_limited=time_limited)  # fmt: skip
-    if not found:
-        return MilpResult(status, solution, float("inf"), seconds, time_limited=time_limited)
+    def read(cut: float | None, limit: float, relaxed: bool = False) -> MilpResult:
+        """Solve prob as it stands and read the result by status name."""
+        began = time.perf_counter()
+        if relaxed:
+            prob.solve(_solver(solver, max(limit, 0.01), gap, None, mip=False))
+        else:
+            prob.solve(_solver(solver, max(limit, 0.01), gap, cut))
+        status = pulp.LpStatus[prob.status]
+        solution = pulp.LpSolution[prob.sol_status]
+        seconds = time.perf_counter() - began
+        # HiGHS names why it stopped (PuLP folds "Time limit reached" and "Objective bound"
+        # into one status); CBC: a solution short of optimal means the time limit
+        if solver == "HiGHS":
+            reason = prob.solverModel.modelStatusToString(prob.solverModel.getModelStatus())
+            time_limited = reason == "Time limit reached"
+        else:
+            time_limited = status == "Not Solved" or solution == "Solution Found"
+        found = solution in ("Optimal Solution Found", "Solution Found")
+        if cut is not None and (not found or float(pulp.value(prob.objective)) >= cut):
+            return MilpResult("Cut off", "No solution below the cutoff", float("inf"), seconds,
+                              time_limited=time_limited)  # fmt: skip
+        if not found:
+            return MilpResult(status, solution, float("inf"), seconds, time_limited=time_limited)
 
-    def value(var: pulp.LpVariable) -> float:
-        return float(var.varValue or 0.0)
+        def value(var: pulp.LpVariable) -> float:
+            return float(var.varValue or 0.0)
 
-    choices = tuple(
-        StageChoice(
-            layers={m: round(value(n[c][m])) for m in modes},
-            offload_sum={m: value(A[c][m]) for m in SPLIT_MODES},
-            recompute_sum={m: value(R[c][m]) for m in SPLIT_MODES},
-            anchor_offload_sum={m: value(Bq[c][m]) for m in modes},
+        choices = tuple(
+            StageChoice(
+                layers={m: value(n[c][m]) if relaxed else round(value(n[c][m])) for m in modes},
+                offload_sum={m: value(A[c][m]) for m in SPLIT_MODES},
+                recompute_sum={m: value(R[c][m]) for m in SPLIT_MODES},
+                anchor_offload_sum={m: value(Bq[c][m]) for m in modes},
+            )
+            for c in range(S)
         )
-        for c in range(S)
+        objective_value = float(pulp.value(prob.objective))
+        if objective in ("gpu", "host"):
+            objective_value *= UNIT
+        return MilpResult(status, solution, objective_value, seconds, choices, time_limited)
+
+    # A pipeline's hard part is the integer layer split. First a quick incumbent: the LP
+    # relaxation's split rounded (largest remainders), policies solved for that split; then
+    # the full MILP only has to beat it (a cutoff), within what is left of the time limit.
+    heuristic = None
+    if S > 1 and stage_layers is None:
+        relaxation = read(None, time_limit, relaxed=True)
+        if not relaxation.found:  # the relaxation is infeasible: so is the MILP
+            return dataclasses.replace(relaxation, seconds=time.perf_counter() - started)
+        if cutoff is not None and relaxation.objective >= cutoff:  # a lower bound already
+            return MilpResult("Cut off", "No solution below the cutoff", float("inf"),
+                              time.perf_counter() - started)  # fmt: skip
+        split = _round_split([N[c].varValue or 1.0 for c in range(S)], L)
+        for c in range(S):
+            N[c].lowBound = N[c].upBound = split[c]
+        heuristic = read(cutoff, time_limit - (time.perf_counter() - started))
+        for c in range(S):
+            N[c].lowBound, N[c].upBound = 1, L - S + 1
+    remaining = time_limit - (time.perf_counter() - started)
+    cut = cutoff
+    if heuristic is not None and heuristic.found:
+        cut = heuristic.objective if cut is None else min(cut, heuristic.objective)
+    full = read(cut, remaining)
+    seconds = time.perf_counter() - started
+    if full.found or heuristic is None or not heuristic.found:
+        return dataclasses.replace(full, seconds=seconds)
+    # nothing beats the heuristic: it is the optimum unless the full solve ran out of time
+    proven = "Solution Found" if full.time_limited else "Optimal Solution Found"
+    return dataclasses.replace(
+        heuristic, solution_status=proven, seconds=seconds, time_limited=full.time_limited
     )
-    objective_value = float(pulp.value(prob.objective))
-    if objective in ("gpu", "host"):
-        objective_value *= UNIT
-    return MilpResult(status, solution, objective_value, seconds, choices, time_limited)
+
+
+def _round_split(fractional: list[float], total: int) -> list[int]:
+    """Integers >= 1 summing to total, closest to `fractional` (largest remainders)."""
+    floors = [max(1, math.floor(x + 1e-9)) for x in fractional]
+    while sum(floors) > total:  # only if the relaxation left stages below one layer
+        floors[floors.index(max(floors))] -= 1
+    order = sorted(range(len(fractional)), key=lambda i: fractional[i] - floors[i], reverse=True)
+    for i in order[: total - sum(floors)]:
+        floors[i] += 1
+    return floors

@@ -1,0 +1,92 @@
+"""Plan-search speed against model depth: `python bench/plan_speed.py [--quick]`.
+
+For llama3_70b widths with 8..128 layers on h100_64x (seq 8192, 256 sequences per step):
+the full layout search (wall time, layouts enumerated, MILPs solved, status), and single
+MILP solves of fixed layouts (pp = 1, pp = 8 with 1F1B, pp = 8 interleaved with 2 stages
+per rank) to show how one solve grows with the number of layers. Prints one table; exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from launch.compose import compose_config
+from planner.costs import costs_for
+from planner.milp import solve_layout, solver_name
+from planner.plan import Layout
+from planner.schedules import StageMap
+from planner.search import make_plan
+
+BASE = [
+    "model=llama3_70b",
+    "cluster=h100_64x",
+    "train.seq_len=8192",
+    "train.global_batch_size=256",
+]
+FIXED = {
+    "pp1": dict(dp=8, tp=8, pp=1, sp=1, zero_stage=1, micro_batch_size=2, num_microbatches=16,
+                pp_schedule="none"),
+    "pp8 1f1b": dict(dp=1, tp=8, pp=8, sp=1, zero_stage=0, micro_batch_size=2,
+                     num_microbatches=128, pp_schedule="1f1b"),
+    "pp8 interleaved v2": dict(dp=1, tp=8, pp=8, sp=1, zero_stage=0, micro_batch_size=2,
+                               num_microbatches=128, pp_schedule="interleaved_1f1b",
+                               virtual_stages=2),
+}  # fmt: skip
+
+
+def fixed_solve_seconds(cfg, fields: dict) -> tuple[float, str]:
+    layout = Layout(zero_backend="fsdp2", **fields)
+    costs = costs_for(cfg, layout)
+    stages = StageMap.of(layout, cfg.cluster.gpus_per_node)
+    started = time.perf_counter()
+    result = solve_layout(
+        costs, stages, cfg.model.num_layers, solver_name(cfg.planner.solver),
+        cfg.planner.solve_time_limit_seconds, cfg.planner.mip_gap,
+    )  # fmt: skip
+    return time.perf_counter() - started, result.solution_status
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="8, 32 and 128 layers only")
+    args = parser.parse_args()
+    depths = [8, 32, 128] if args.quick else [8, 16, 32, 64, 80, 128]
+    header = (
+        f"{'layers':>6} | {'search s':>8} | {'layouts':>7} | {'MILPs':>5} | {'status':<21} | "
+        + " | ".join(f"{name:>20}" for name in FIXED)
+    )
+    print("llama3_70b widths on h100_64x, seq 8192 x 256 sequences; HiGHS via PuLP")
+    print("fixed-layout columns: one MILP solve, seconds (status)")
+    print(header)
+    print("-" * len(header))
+    for layers in depths:
+        cfg = compose_config([*BASE, f"model.num_layers={layers}"])
+        started = time.perf_counter()
+        plan = make_plan(cfg)
+        search_s = time.perf_counter() - started
+        cells = []
+        for fields in FIXED.values():
+            if fields["pp"] * fields.get("virtual_stages", 1) > layers:
+                cells.append(f"{'-':>20}")
+                continue
+            seconds, status = fixed_solve_seconds(cfg, fields)
+            short = "optimal" if status == "Optimal Solution Found" else status
+            cells.append(f"{seconds:>8.3f} ({short[:9]:>9})")
+        s = plan.solver
+        print(
+            f"{layers:>6} | {search_s:>8.2f} | {s.layouts_considered:>7} | "
+            f"{s.candidates_evaluated:>5} | {s.status:<21} | " + " | ".join(cells)
+        )
+    cfg = compose_config(BASE)
+    print(f"\ndefault planner settings: {dataclasses.asdict(cfg.planner)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
