@@ -15,7 +15,7 @@ import time
 
 from configs.schema import Config
 from planner.costs import GIB
-from planner.search import SearchOutcome, _candidates, minimum_use, search
+from planner.search import SearchOutcome, layout_candidates, minimum_use, search
 
 PROBE_SECONDS = 2.0
 """Time limit of one feasibility probe."""
@@ -68,7 +68,7 @@ def explain_infeasible(cfg: Config, outcome: SearchOutcome) -> str:
     """One line: what binds, how much is needed, and what would make a plan feasible."""
     started = time.perf_counter()
     deadline = started + EXPLAIN_SECONDS
-    candidates = _candidates(cfg)
+    candidates = layout_candidates(cfg)
     budget = candidates[0].costs.budget_bytes
     host_budget = candidates[0].costs.host_budget_bytes
     if not outcome.complete or not outcome.proven:

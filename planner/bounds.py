@@ -1,0 +1,104 @@
+"""Closed-form lower bounds of one layout, cheap enough for every enumerated layout.
+
+Time: every layer without recompute or exposed transfer, the integer layer split that
+minimises the slowest stage (and, separately, the busiest pipeline rank and the largest
+zero-bubble residue) exactly, and the schedule's latency formula with those maxima
+(planner/schedules.py). Policies only ever add time to a stage, so the three maxima are also
+valid cuts for the MILP. Memory: model states averaged over pipeline ranks + one layer's
+activations + the backward working set (every rank holds at least that much).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+from planner.costs import LayoutCosts
+from planner.schedules import ZERO_BUBBLE, stage_rank
+
+
+def _min_max_load(bases: list[float], per_item: float, items: int, at_least: int) -> float:
+    """Smallest possible maximum of base_i + n_i x per_item over bins i with n_i >= at_least
+    and sum n_i = items. Identical items: fill every bin up to the water level the items
+    could at least reach, then place the rest one by one on the least-loaded bin."""
+    loads = [base + at_least * per_item for base in bases]
+    spare = items - at_least * len(bases)
+    if per_item <= 0 or spare <= 0:
+        return max(loads)
+    loads.sort()
+    total = 0.0
+    for k, load in enumerate(loads):  # water level over the k + 1 lowest bins
+        total += load
+        level = (spare * per_item + total) / (k + 1)
+        if k + 1 == len(loads) or level <= loads[k + 1]:
+            break
+    for i in range(k + 1):
+        fill = max(0, math.floor((level - loads[i]) / per_item))
+        loads[i] += fill * per_item
+        spare -= fill
+    heapq.heapify(loads)
+    for _ in range(spare):
+        heapq.heappush(loads, heapq.heappop(loads) + per_item)
+    return max(loads)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Lower bounds of one layout: step time, per-GPU memory, and the three pipeline maxima
+    (slowest stage, busiest rank, largest zero-bubble residue) per micro-batch. The maxima
+    are valid cuts for the MILP: policies only ever add time to a stage."""
+
+    time: float
+    memory: float
+    stage_max: float
+    rank_max: float
+    residue_max: float
+
+
+def bounds(costs: LayoutCosts, num_layers: int) -> Bounds:
+    """Closed-form lower bounds of a layout.
+
+    Time: every layer without recompute or exposed transfer, and the integer layer split
+    that minimises the slowest stage (and the busiest rank) exactly; the schedule's formula
+    with those maxima. Memory: model states averaged over pp ranks + one layer's activations
+    + the backward working set.
+    """
+    lay = costs.layout
+    S, L, G, pp = lay.num_stages, num_layers, lay.num_microbatches, lay.pp
+    first, last = costs.first, costs.last
+    none = costs.modes["none"]
+    per_layer = costs.forward_seconds + none.backward_seconds + costs.layer_zero_exposed_seconds
+    residue = per_layer - 3 * costs.weight_grad_seconds  # zero-bubble F + B - 3W per layer
+    base = [costs.p2p_seconds * ((c > 0) + (c < S - 1)) for c in range(S)]
+    base[0] += first.forward_seconds + first.backward_seconds + first.zero_exposed_seconds
+    base[-1] += last.forward_seconds + last.backward_seconds + last.zero_exposed_seconds
+    residue_base = list(base)
+    residue_base[-1] -= 3 * last.weight_grad_seconds
+    total = L * per_layer + sum(base)
+    stage_max = _min_max_load(base, per_layer, L, 1)
+    rank_base = [0.0] * pp
+    for c in range(S):
+        rank_base[stage_rank(c, pp, lay.pp_schedule)] += base[c]
+    rank_max = _min_max_load(rank_base, per_layer, L, lay.virtual_stages)
+    if residue > 0:
+        residue_max = _min_max_load(residue_base, residue, L, 1)
+    else:  # each stage holds at most L - S + 1 layers
+        residue_max = max(b + residue * (L - S + 1) for b in residue_base)
+    residue_max = max(0.0, residue_max)
+    schedule = lay.pp_schedule
+    if schedule == "none":
+        step = G * total
+    elif schedule in ("gpipe", "1f1b"):
+        step = (G - 1) * stage_max + total
+    elif schedule in ZERO_BUBBLE:
+        step = G * rank_max + (pp - 1) * residue_max
+    else:
+        step = G * rank_max + (pp - 1) * stage_max
+    psi = L * costs.layer_params + first.params + last.params
+    tail = (costs.optimizer_seconds_per_param + costs.zero_exposed_end_seconds_per_param) * psi
+    states = costs.state_bytes_per_param * psi / pp
+    memory = (
+        states + costs.workspace_bytes + costs.zero_layer_transient_bytes + costs.full_layer_bytes
+    )
+    return Bounds(step + tail / pp, memory, stage_max, rank_max, residue_max)

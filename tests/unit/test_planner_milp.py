@@ -1,0 +1,108 @@
+"""The MILP against the exact evaluation of the plan it produces: the objective is the
+predicted step time, memory stays within the budgets after token rounding, and the
+solution uses offload/recompute exactly when memory forces it."""
+
+import pytest
+
+from launch.compose import compose_config
+from planner.assemble import build_plan, layer_policies
+from planner.bounds import bounds
+from planner.costs import costs_for
+from planner.milp import _round_split, solve_layout
+from planner.plan import Layout, SolverInfo
+from planner.schedules import StageMap
+
+SOLVER = SolverInfo(name="HiGHS", status="test", solve_seconds=0.0, candidates_evaluated=1)
+LONG = ["model=llama2_7b", "cluster=h100_8x", "train.seq_len=65536", "train.global_batch_size=8"]
+LAYOUTS = {
+    "sp8": dict(dp=1, tp=1, pp=1, sp=8, zero_stage=3, micro_batch_size=1, num_microbatches=8,
+                pp_schedule="none"),
+    "tp2 pp4 1f1b": dict(dp=1, tp=2, pp=4, sp=1, zero_stage=0, micro_batch_size=1,
+                         num_microbatches=8, pp_schedule="1f1b"),
+    "pp2 sp4 interleaved": dict(dp=1, tp=1, pp=2, sp=4, zero_stage=1, micro_batch_size=1,
+                                num_microbatches=8, pp_schedule="interleaved_1f1b",
+                                virtual_stages=2),
+    "pp4 sp2 zbv": dict(dp=1, tp=1, pp=4, sp=2, zero_stage=0, micro_batch_size=1,
+                        num_microbatches=8, pp_schedule="zbv_zero_bubble", virtual_stages=2),
+    "pp2 sp4 gpipe": dict(dp=1, tp=1, pp=2, sp=4, zero_stage=0, micro_batch_size=1,
+                          num_microbatches=8, pp_schedule="gpipe"),
+}  # fmt: skip
+
+
+def solve(cfg, fields, gap=0.0):
+    layout = Layout(zero_backend="fsdp2", **fields)
+    costs = costs_for(cfg, layout)
+    stages = StageMap.of(layout, cfg.cluster.gpus_per_node)
+    b = bounds(costs, cfg.model.num_layers)
+    result = solve_layout(
+        costs, stages, cfg.model.num_layers, "HiGHS", 30.0, gap,
+        floors=(b.stage_max, b.rank_max, b.residue_max),
+    )  # fmt: skip
+    return layout, costs, result, b
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_objective_is_the_evaluated_step_time(name):
+    cfg = compose_config(LONG)
+    layout, costs, result, b = solve(cfg, LAYOUTS[name])
+    assert result.found, result.status
+    assert result.objective >= b.time * (1 - 1e-6)  # the closed-form bound is a bound
+    plan = build_plan(cfg, layout, layer_policies(result.stages, costs.seq_local), SOLVER)
+    assert plan.time.step_seconds == pytest.approx(result.objective, rel=2e-3)
+    m = plan.memory
+    assert m.gpu_peak_bytes <= m.gpu_budget_bytes
+    assert m.host_bytes_per_node <= m.host_budget_bytes_per_node
+    assert [layer.stage for layer in plan.layers] == sorted(layer.stage for layer in plan.layers)
+
+
+def test_memory_pressure_buys_offload_and_recompute():
+    roomy = compose_config([*LONG, "cluster.gpu_memory_gib=640"])
+    tight = compose_config([*LONG, "cluster.gpu_memory_gib=24"])
+    fields = LAYOUTS["sp8"]
+    _, _, loose, _ = solve(roomy, fields)
+    assert all(
+        st.layers["none"] == 32 and not any(st.offload_sum.values())
+        and not any(st.recompute_sum.values()) and not any(st.anchor_offload_sum.values())
+        for st in loose.stages
+    )  # fmt: skip
+    _, _, pressed, _ = solve(tight, fields)
+    moved = sum(
+        sum(st.offload_sum.values()) + sum(st.recompute_sum.values())
+        + sum(st.anchor_offload_sum.values()) + st.layers["selective"] + st.layers["full"]
+        for st in pressed.stages
+    )  # fmt: skip
+    assert moved > 0
+    assert pressed.objective >= loose.objective
+
+
+def test_no_offload_when_disabled():
+    cfg = compose_config([*LONG, "planner.offload=off"])
+    _, _, result, _ = solve(cfg, LAYOUTS["sp8"])
+    assert result.found
+    for st in result.stages:
+        assert not any(st.offload_sum.values()) and not any(st.anchor_offload_sum.values())
+
+
+def test_infeasible_layout_reads_as_infeasible():
+    cfg = compose_config([*LONG, "train.seq_len=4194304", "train.global_batch_size=1"])
+    fields = dict(LAYOUTS["sp8"], num_microbatches=1)
+    _, _, result, _ = solve(cfg, fields)
+    assert not result.found and result.status == "Infeasible"
+
+
+def test_gpu_objective_ignores_the_budget():
+    cfg = compose_config([*LONG, "cluster.gpu_memory_gib=8"])
+    layout = Layout(zero_backend="fsdp2", **LAYOUTS["sp8"])
+    costs = costs_for(cfg, layout)
+    stages = StageMap.of(layout, 8)
+    need = solve_layout(costs, stages, 32, "HiGHS", 10.0, 0.0, objective="gpu")
+    assert need.found and need.objective > costs.budget_bytes
+    assert not solve_layout(costs, stages, 32, "HiGHS", 10.0, 0.0).found
+
+
+def test_round_split_keeps_the_total_and_one_layer_per_stage():
+    assert _round_split([2.5, 2.5, 3.0], 8) in ([3, 2, 3], [2, 3, 3])
+    assert _round_split([0.2, 5.8, 1.95], 8) == [1, 5, 2]
+    for parts in ([0.0, 0.0, 10.0], [3.3, 3.3, 3.4]):
+        split = _round_split(parts, 10)
+        assert sum(split) == 10 and min(split) >= 1
