@@ -17,7 +17,8 @@ Compute (seconds = FLOPs / (peak x efficiency), bytes / (bandwidth x efficiency)
     selective   recomputes h1, h2 and the SwiGLU product for all tokens: T a (4H + 3F)
     full        runs the whole forward again
 Communication (bus bandwidth of the group; intra-node when the group fits in a node with the
-mesh order (pp, dp, sp, tp), tp innermost):
+mesh order (pp, dp, sp, tp), tp innermost; every collective and p2p transfer also costs
+planner.collective_latency_seconds):
     tp          2 all-reduces of T H a forward, 2 backward, 2 (tp-1)/tp x bytes each
     sp          Ulysses all-to-all of q, k, v and the output, forward and backward, (sp-1)/sp
     pp          the stage output T H a forward and its gradient backward, per micro-batch
@@ -258,9 +259,14 @@ def layout_costs(
     zero_link = rates.link(tp * sp * dp <= gpn)
     pp_link = rates.link(tp * sp * dp * pp <= gpn)
     hidden_bytes = tokens * hidden * a
-    tp_allreduce_s = 2 * (tp - 1) / tp * hidden_bytes / tp_link if tp > 1 else 0.0
+    latency = planner.collective_latency_seconds
+    tp_allreduce_s = 2 * (tp - 1) / tp * hidden_bytes / tp_link + latency if tp > 1 else 0.0
     kv_a2a = sp * shape.kv_heads_in_core * head_dim
-    ulysses_s = (sp - 1) / sp * tokens * a * (2 * q_r + 2 * kv_a2a) / sp_link if sp > 1 else 0.0
+    ulysses_s = (
+        (sp - 1) / sp * tokens * a * (2 * q_r + 2 * kv_a2a) / sp_link + 4 * latency
+        if sp > 1
+        else 0.0
+    )
 
     # --- one layer's compute ---
     mm_fwd = 2.0 * tokens * counts.layer_matmul
@@ -322,10 +328,10 @@ def layout_costs(
 
     def zero_exposed(params: int, fwd_s: float, bwd_s: float) -> float:
         if z == 3:
-            gather = f * params * a / zero_link
+            gather = f * params * a / zero_link + latency
             return max(0.0, gather - fwd_s) + max(0.0, 2 * gather - bwd_s)
         if z == 2:
-            return max(0.0, f * params * a / zero_link - bwd_s)
+            return max(0.0, f * params * a / zero_link + latency - bwd_s)
         return 0.0
 
     overlapped_per_param = {0: 2 * f * a, 1: f * a}.get(z, 0.0)
@@ -394,7 +400,7 @@ def layout_costs(
         last=last,
         chunk_saved_bytes=rope,
         boundary_bytes=hidden_bytes,
-        p2p_seconds=hidden_bytes / pp_link if pp > 1 else 0.0,
+        p2p_seconds=hidden_bytes / pp_link + latency if pp > 1 else 0.0,
         workspace_bytes=workspace,
         zero_layer_transient_bytes=zero_layer,
         loss_transient_bytes=loss_transient,

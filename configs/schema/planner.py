@@ -67,6 +67,9 @@ class PlannerConfig:
     """Achievable fraction of cluster.host_to_device_gbps for activation offload copies."""
     layer_overhead_seconds: float = 2e-5
     """Fixed cost (kernel launches, Python) of one layer's forward or backward pass."""
+    collective_latency_seconds: float = 3e-5
+    """Fixed cost of one collective or point-to-point transfer (launch and synchronisation),
+    on top of its bytes / bandwidth."""
 
     # --- memory model --------------------------------------------------------------------
     fragmentation_reserve_fraction: float = 0.05
@@ -117,10 +120,9 @@ class PlannerConfig:
             value = getattr(self, key)
             if not 0.0 < value <= 1.0:
                 raise ConfigError(f"planner.{key}", f"must be in (0, 1], got {value}")
-        if self.layer_overhead_seconds < 0:
-            raise ConfigError(
-                "planner.layer_overhead_seconds", f"must be >= 0, got {self.layer_overhead_seconds}"
-            )
+        for key in ("layer_overhead_seconds", "collective_latency_seconds"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"planner.{key}", f"must be >= 0, got {getattr(self, key)}")
         for key in ("fragmentation_reserve_fraction", "host_reserve_fraction"):
             value = getattr(self, key)
             if not 0.0 <= value < 1.0:
