@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch.compose import compose_config
+from planner.bounds import bounds
 from planner.costs import costs_for
 from planner.milp import solve_layout, solver_name
 from planner.plan import Layout
@@ -44,10 +46,12 @@ def fixed_solve_seconds(cfg, fields: dict) -> tuple[float, str]:
     layout = Layout(zero_backend="fsdp2", **fields)
     costs = costs_for(cfg, layout)
     stages = StageMap.of(layout, cfg.cluster.gpus_per_node)
+    b = bounds(costs, cfg.model.num_layers)
     started = time.perf_counter()
     result = solve_layout(
         costs, stages, cfg.model.num_layers, solver_name(cfg.planner.solver),
         cfg.planner.solve_time_limit_seconds, cfg.planner.mip_gap,
+        floors=(b.stage_max, b.rank_max, b.residue_max),
     )  # fmt: skip
     return time.perf_counter() - started, result.solution_status
 
@@ -58,18 +62,20 @@ def main() -> int:
     args = parser.parse_args()
     depths = [8, 32, 128] if args.quick else [8, 16, 32, 64, 80, 128]
     header = (
-        f"{'layers':>6} | {'search s':>8} | {'layouts':>7} | {'MILPs':>5} | {'status':<21} | "
-        + " | ".join(f"{name:>20}" for name in FIXED)
+        f"{'layers':>6} | {'search s':>8} | {'cpu s':>6} | {'layouts':>7} | {'MILPs':>5} | "
+        f"{'status':<21} | " + " | ".join(f"{name:>20}" for name in FIXED)
     )
     print("llama3_70b widths on h100_64x, seq 8192 x 256 sequences; HiGHS via PuLP")
-    print("fixed-layout columns: one MILP solve, seconds (status)")
+    print("fixed-layout columns: one MILP solve (with the search's bound cuts), seconds (status)")
+    print(f"load average before: {os.getloadavg()[0]:.1f} (wall times scale with it)")
     print(header)
     print("-" * len(header))
     for layers in depths:
         cfg = compose_config([*BASE, f"model.num_layers={layers}"])
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         plan = make_plan(cfg)
         search_s = time.perf_counter() - started
+        search_cpu = time.process_time() - cpu
         cells = []
         for fields in FIXED.values():
             if fields["pp"] * fields.get("virtual_stages", 1) > layers:
@@ -80,7 +86,7 @@ def main() -> int:
             cells.append(f"{seconds:>8.3f} ({short[:9]:>9})")
         s = plan.solver
         print(
-            f"{layers:>6} | {search_s:>8.2f} | {s.layouts_considered:>7} | "
+            f"{layers:>6} | {search_s:>8.2f} | {search_cpu:>6.2f} | {s.layouts_considered:>7} | "
             f"{s.candidates_evaluated:>5} | {s.status:<21} | " + " | ".join(cells)
         )
     cfg = compose_config(BASE)

@@ -136,7 +136,6 @@ def solve_layout(
     objective: str = "time",
     cutoff: float | None = None,
     floors: tuple[float, float, float] = (0.0, 0.0, 0.0),
-    stage_layers: list[int] | None = None,
 ) -> MilpResult:
     """Build and solve the MILP for one layout.
 
@@ -147,7 +146,7 @@ def solve_layout(
     cutoff: only solutions with a smaller objective are wanted (the best step time so far);
     a layout that cannot beat it comes back without a solution, status "Cut off".
     floors: lower bounds of the slowest stage, the busiest rank and the largest zero-bubble
-    residue (planner/search.py computes them for the best integer layer split); valid cuts
+    residue (planner/bounds.py computes them for the best integer layer split); valid cuts
     that spare the branch and bound proving them.
     """
     started = time.perf_counter()
@@ -157,10 +156,14 @@ def solve_layout(
     prob = pulp.LpProblem("memplan_layout", pulp.LpMinimize)
     modes = list(costs.modes)
 
+    most = L - S + 1  # layers one stage can hold: the big-M of the indicator rows
+
     # ---------------------------------------------------------------- decision variables
+    # N[c] ∈ Z, 1..L-S+1: number of layers of stage c (branching on it first pays off)
+    N = {c: prob.add_variable(f"N_{c}", 1, most, cat=pulp.LpInteger) for c in range(S)}
     # n[c][m] ∈ Z≥0: number of layers of stage c that use recompute mode m
     n = {
-        c: {m: prob.add_variable(f"n_{c}_{m}", 0, L, cat=pulp.LpInteger) for m in modes}
+        c: {m: prob.add_variable(f"n_{c}_{m}", 0, most, cat=pulp.LpInteger) for m in modes}
         for c in range(S)
     }
     # A[c][m] ∈ [0, L]: sum over those layers of offload_fraction (token-local tensors)
@@ -202,11 +205,7 @@ def solve_layout(
     # tail ≥ 0: optimizer step + end-of-step ZeRO traffic not hidden (slowest rank)
     tail = prob.add_variable("tail_seconds", 0)
 
-    # N[c] ∈ Z, 1..L-S+1: number of layers of stage c (= sum over modes of n[c][m])
-    N = {c: prob.add_variable(f"N_{c}", 1, L - S + 1, cat=pulp.LpInteger) for c in range(S)}
-
     # -------------------------------------------------------------------- expressions
-    layers = N
     cost = costs.modes
     # memory rows are written in GiB (UNIT): byte-sized coefficients next to seconds-sized
     # ones make the solver's tolerances meaningless
@@ -229,7 +228,7 @@ def solve_layout(
 
     def params(p: int) -> pulp.LpAffineExpression:
         return pulp.lpSum(
-            costs.layer_params * layers[c] + extra_params(c) for c in stages.rank_stages[p]
+            costs.layer_params * N[c] + extra_params(c) for c in stages.rank_stages[p]
         )
 
     def stage_constant_bytes(c: int) -> float:
@@ -240,7 +239,7 @@ def solve_layout(
         return saved / UNIT
 
     fwd_s = {
-        c: costs.forward_seconds * layers[c]
+        c: costs.forward_seconds * N[c]
         + (costs.first.forward_seconds if c == first else 0)
         + (costs.last.forward_seconds if c == last else 0)
         + (costs.p2p_seconds if c < last else 0)
@@ -250,15 +249,14 @@ def solve_layout(
         c: pulp.lpSum(cost[m].backward_seconds * n[c][m] for m in modes)
         + pulp.lpSum(cost[m].local_recompute_seconds * R[c][m] for m in SPLIT_MODES)
         + pulp.lpSum(Xf[c][m] + Xb[c][m] for m in modes)
-        + costs.layer_zero_exposed_seconds * layers[c]
+        + costs.layer_zero_exposed_seconds * N[c]
         + (costs.first.backward_seconds + costs.first.zero_exposed_seconds if c == first else 0)
         + (costs.last.backward_seconds + costs.last.zero_exposed_seconds if c == last else 0)
         + (costs.p2p_seconds if c > first else 0)
         for c in range(S)
     }
     wgt_s = {
-        c: costs.weight_grad_seconds * layers[c]
-        + (costs.last.weight_grad_seconds if c == last else 0)
+        c: costs.weight_grad_seconds * N[c] + (costs.last.weight_grad_seconds if c == last else 0)
         for c in range(S)
     }
     stage_s = {c: fwd_s[c] + bwd_s[c] for c in range(S)}
@@ -269,8 +267,6 @@ def solve_layout(
     prob += pulp.lpSum(N.values()) == L, "all_layers_assigned"
     for c in range(S):
         prob += pulp.lpSum(n[c].values()) == N[c], f"stage_{c}_modes"
-        if stage_layers is not None:  # a given split: only the policies are chosen
-            N[c].lowBound = N[c].upBound = stage_layers[c]
 
     # [Constraint] per layer: offload_fraction + recompute_fraction <= 1, anchor fraction <= 1
     #   summed over a (stage, mode) group of n layers:  A + R <= n,  Bq <= n
@@ -280,13 +276,13 @@ def solve_layout(
         for m in modes:
             prob += Bq[c][m] <= n[c][m], f"anchor_split_{c}_{m}"
 
-    # [Constraint] y[p] = 1 when rank p offloads or recomputes anything (big-M = L)
+    # [Constraint] y[p] = 1 when rank p offloads or recomputes anything (big-M: 3 x most)
     #   original: y[p] = OR(A > 0, R > 0, Bq > 0, n_selective > 0, n_full > 0)
     for p, chunk_list in enumerate(stages.rank_stages):
         for c in chunk_list:
             touched = pulp.lpSum(A[c].values()) + pulp.lpSum(R[c].values())
             touched += pulp.lpSum(Bq[c].values()) + n[c]["selective"] + n[c]["full"]
-            prob += touched <= 3 * L * y[p], f"rematerialises_{c}"
+            prob += touched <= 3 * most * y[p], f"rematerialises_{c}"
 
     # [Constraint] uA / uB = 1 when rank p offloads local tensors / anchors of mode m;
     #   pf[p] >= the largest per-layer prefetch: max_m (anchor_m uB[p][m] + local_m uA[p][m])
@@ -294,9 +290,9 @@ def solve_layout(
     for p, chunk_list in enumerate(stages.rank_stages):
         for c in chunk_list:
             for m in SPLIT_MODES:
-                prob += A[c][m] <= L * uA[p][m], f"offloads_local_{c}_{m}"
+                prob += A[c][m] <= most * uA[p][m], f"offloads_local_{c}_{m}"
             for m in modes:
-                prob += Bq[c][m] <= L * uB[p][m], f"offloads_anchor_{c}_{m}"
+                prob += Bq[c][m] <= most * uB[p][m], f"offloads_anchor_{c}_{m}"
         for m in modes:
             fetched = local[m] * uA[p][m] if m in SPLIT_MODES else 0
             prob += pf[p] >= anchor[m] * uB[p][m] + fetched, f"prefetch_{p}_{m}"
@@ -459,7 +455,7 @@ def solve_layout(
     # relaxation's split rounded (largest remainders), policies solved for that split; then
     # the full MILP only has to beat it (a cutoff), within what is left of the time limit.
     heuristic = None
-    if S > 1 and stage_layers is None:
+    if S > 1 and objective == "time":
         relaxation = read(None, time_limit, relaxed=True)
         if not relaxation.found:  # the relaxation is infeasible: so is the MILP
             return dataclasses.replace(relaxation, seconds=time.perf_counter() - started)
@@ -471,7 +467,7 @@ def solve_layout(
             N[c].lowBound = N[c].upBound = split[c]
         heuristic = read(cutoff, time_limit - (time.perf_counter() - started))
         for c in range(S):
-            N[c].lowBound, N[c].upBound = 1, L - S + 1
+            N[c].lowBound, N[c].upBound = 1, most
     remaining = time_limit - (time.perf_counter() - started)
     cut = cutoff
     if heuristic is not None and heuristic.found:
