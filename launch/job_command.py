@@ -26,7 +26,7 @@ from configs.errors import ConfigError
 from configs.schema import Config
 from launch.compose import compose_config
 from launch.run_dir import default_run_dir, pin_paths, prepare_run_dir
-from launch.train_command import plan_for, torchrun_prefix
+from launch.train_command import plan_for, redirect_other_local_ranks, torchrun_prefix
 from planner.plan import Plan
 
 TEMPLATES = {"slurm": "slurm_job.sh", "torchrun": "torchrun_node.sh"}
@@ -115,6 +115,10 @@ def script_text(cfg: Config, plan: Plan, files: JobFiles) -> str:
         "checkpoint_dir": shlex.quote(str(pinned.checkpoint.dir)),
         "resume": cfg.checkpoint.resume,
         "torchrun": shlex.join(torchrun_prefix()),
+        # quoted: an unquoted comma inside a bash array reads like a separator (SC2054)
+        "redirects": " ".join(
+            f"'{flag}'" for flag in redirect_other_local_ranks(cfg.cluster.gpus_per_node)
+        ),
     }
     if cfg.job.scheduler == "slurm":
         if _UNSAFE_IN_DIRECTIVE.search(str(files.run_dir)):

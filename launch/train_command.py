@@ -40,6 +40,18 @@ def torchrun_prefix() -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run"]
 
 
+def redirect_other_local_ranks(nproc_per_node: int) -> list[str]:
+    """torchrun flags sending the raw stdout/stderr of local ranks 1.. to files in --log-dir.
+
+    Local rank 0 keeps the console without torchrun's `[default0]:` prefix (which --tee would
+    add), so metrics lines start with `step N | loss`; every worker also writes its own
+    RUN_DIR/logs/rank<R>.log (launch/worker.py).
+    """
+    if nproc_per_node == 1:
+        return []
+    return ["--redirects=" + ",".join(f"{rank}:3" for rank in range(1, nproc_per_node))]
+
+
 def torchrun_command(run_dir: Path, nproc_per_node: int, max_restarts: int) -> list[str]:
     """torchrun on this node: every rank logs to run_dir/logs, the console shows rank 0."""
     return [
@@ -48,8 +60,7 @@ def torchrun_command(run_dir: Path, nproc_per_node: int, max_restarts: int) -> l
         f"--nproc-per-node={nproc_per_node}",
         f"--max-restarts={max_restarts}",
         f"--log-dir={run_dir / 'logs'}",
-        "--tee=3",  # stdout and stderr of every rank to its log files ...
-        "--local-ranks-filter=0",  # ... and rank 0's to the console
+        *redirect_other_local_ranks(nproc_per_node),
         "-m", "launch.worker", str(run_dir),
     ]  # fmt: skip
 

@@ -1,5 +1,7 @@
 """Entry point of every torchrun worker: `python -m launch.worker RUN_DIR`.
 
+Each rank writes its lines to RUN_DIR/logs/rank<R>.log; rank 0 also prints them.
+
 Workers load RUN_DIR/resolved.yaml and RUN_DIR/plan.json written by the launcher; they never
 run Hydra (so ranks do not race on Hydra output directories).
 """
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from configs.errors import ConfigError
 from framework.distributed import shutdown_distributed
-from framework.logs import setup_logging
+from framework.logs import rank, setup_logging
 from framework.trainer import train
 from launch.compose import load_resolved
 from planner.plan import Plan
@@ -22,11 +24,12 @@ logger = logging.getLogger(__name__)
 
 def main(argv: list[str]) -> int:
     """Train the run in argv[0]; exit code 2 on bad input (one line, no traceback)."""
-    setup_logging()
     if len(argv) != 1:
+        setup_logging()
         logger.error("usage: python -m launch.worker RUN_DIR")
         return 2
     run_dir = Path(argv[0])
+    setup_logging(run_dir / "logs" / f"rank{rank()}.log")
     try:
         cfg = load_resolved(str(run_dir / "resolved.yaml"))
         plan = Plan.read(run_dir / "plan.json")

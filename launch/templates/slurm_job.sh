@@ -20,6 +20,9 @@ MAX_RESTARTS={{max_restarts}}
 CHECKPOINT_DIR={{checkpoint_dir}}
 # torchrun of the Python environment that wrote this job (memplan and torch are installed there)
 TORCHRUN=({{torchrun}})
+# Local rank 0 prints to this output unprefixed (metrics lines start with `step N | loss`);
+# the raw streams of the other local ranks go to files under RUN_DIR/logs.
+REDIRECTS=({{redirects}})
 
 : "${SLURM_JOB_ID:?not inside a SLURM job: submit this script with sbatch}"
 : "${SLURM_JOB_NODELIST:?not inside a SLURM job: submit this script with sbatch}"
@@ -36,7 +39,8 @@ echo "memplan job $SLURM_JOB_ID: $NNODES node(s) x $NPROC_PER_NODE worker(s), re
 echo "memplan job $SLURM_JOB_ID: run directory $RUN_DIR, checkpoints in $CHECKPOINT_DIR"
 
 # The rendezvous id is the job id, which a requeued job keeps.
-# Every rank's log: RUN_DIR/logs/<job id>_<suffix>/attempt_<n>/<local rank>/{stdout,stderr}.log
+# Every rank's lines: RUN_DIR/logs/rank<global rank>.log; raw streams of local ranks 1..:
+# RUN_DIR/logs/<job id>_<suffix>/attempt_<n>/<local rank>/{stdout,stderr}.log
 # (one <job id>_<suffix> directory per node); this job's output shows each node's local rank 0.
 srun --nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task={{cpus_per_task}} --kill-on-bad-exit=1 \
     "${TORCHRUN[@]}" \
@@ -47,6 +51,5 @@ srun --nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task={{cpus_per_task}} --k
     --rdzv-id="$SLURM_JOB_ID" \
     --max-restarts="$MAX_RESTARTS" \
     --log-dir="$RUN_DIR/logs" \
-    --tee=3 \
-    --local-ranks-filter=0 \
+    "${REDIRECTS[@]}" \
     -m launch.worker "$RUN_DIR"

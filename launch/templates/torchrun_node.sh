@@ -23,6 +23,9 @@ CHECKPOINT_DIR={{checkpoint_dir}}
 HEAD_ADDR=${HEAD_ADDR:-{{head_addr}}}
 # torchrun of the Python environment that wrote this job (memplan and torch are installed there)
 TORCHRUN=({{torchrun}})
+# Local rank 0 prints to this output unprefixed (metrics lines start with `step N | loss`);
+# the raw streams of the other local ranks go to files under RUN_DIR/logs.
+REDIRECTS=({{redirects}})
 
 : "${HEAD_ADDR:?set HEAD_ADDR to an address of node 0 that every node can reach}"
 : "${NODE_RANK:?set NODE_RANK to the index of this node, 0 to $((NNODES - 1))}"
@@ -36,8 +39,9 @@ if [ "$NODE_RANK" -eq 0 ]; then IS_HOST=true; else IS_HOST=false; fi
 echo "memplan node $NODE_RANK of $NNODES: $NPROC_PER_NODE worker(s), rendezvous $HEAD_ADDR:$RDZV_PORT"
 echo "memplan node $NODE_RANK of $NNODES: run directory $RUN_DIR, checkpoints in $CHECKPOINT_DIR"
 
-# Every rank's log: RUN_DIR/logs/node<NODE_RANK>/<rdzv id>_<suffix>/attempt_<n>/<local rank>/
-# {stdout,stderr}.log; the console shows this node's local rank 0.
+# Every rank's lines: RUN_DIR/logs/rank<global rank>.log; raw streams of local ranks 1..:
+# RUN_DIR/logs/node<NODE_RANK>/<rdzv id>_<suffix>/attempt_<n>/<local rank>/{stdout,stderr}.log.
+# The console shows this node's local rank 0.
 exec "${TORCHRUN[@]}" \
     --nnodes="$NNODES" \
     --nproc-per-node="$NPROC_PER_NODE" \
@@ -47,6 +51,5 @@ exec "${TORCHRUN[@]}" \
     --rdzv-conf="is_host=$IS_HOST" \
     --max-restarts="$MAX_RESTARTS" \
     --log-dir="$RUN_DIR/logs/node$NODE_RANK" \
-    --tee=3 \
-    --local-ranks-filter=0 \
+    "${REDIRECTS[@]}" \
     -m launch.worker "$RUN_DIR"

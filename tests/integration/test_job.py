@@ -156,8 +156,7 @@ def test_slurm_script_starts_torchrun_with_a_rendezvous_on_the_first_node(tmp_pa
         "--rdzv-id=4242",
         "--max-restarts=3",
         f"--log-dir={run_dir}/logs",
-        "--tee=3",
-        "--local-ranks-filter=0",
+        "--redirects=1:3,2:3,3:3,4:3,5:3,6:3,7:3",
         "-m",
         "launch.worker",
         str(run_dir),
@@ -167,7 +166,8 @@ def test_slurm_script_starts_torchrun_with_a_rendezvous_on_the_first_node(tmp_pa
         "srun --nodes=2 --ntasks-per-node=1 --cpus-per-task=16 --kill-on-bad-exit=1 "
         f"{bin_dir / 'fake_torchrun'} --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d "
         f"--rdzv-endpoint=node-a:29555 --rdzv-id=4242 --max-restarts=3 "
-        f"--log-dir={run_dir}/logs --tee=3 --local-ranks-filter=0 -m launch.worker {run_dir}",
+        f"--log-dir={run_dir}/logs --redirects=1:3,2:3,3:3,4:3,5:3,6:3,7:3 -m launch.worker "
+        f"{run_dir}",
     ]
 
 
@@ -216,8 +216,7 @@ def test_node_script_hosts_the_rendezvous_on_node_0(tmp_path, monkeypatch):
             f"--rdzv-conf=is_host={is_host}",
             "--max-restarts=0",
             f"--log-dir={run_dir}/logs/node{node}",
-            "--tee=3",
-            "--local-ranks-filter=0",
+            "--redirects=1:3,2:3",
             "-m",
             "launch.worker",
             str(run_dir),
@@ -270,8 +269,9 @@ def test_slurm_job_trains_to_the_end_with_stand_ins(tmp_path):
     assert srun.startswith("srun --nodes=1 --ntasks-per-node=1 --cpus-per-task=2 ")
     assert f"--nproc-per-node={nproc} " in srun and "--rdzv-endpoint=localhost:" in srun
     logs = rank_logs(job_dir, nproc)
-    assert all(log.parent.parent.parent.name.startswith("4242_") for log in logs)
     assert "step 3 | loss" in logs[0].read_text()
+    assert "step 3 | loss" not in logs[1].read_text()  # only rank 0 reports metrics
+    assert list(job_dir.glob("logs/4242_*/attempt_0/1/stderr.log"))  # local rank 1's streams
 
 
 @pytest.mark.integration
@@ -311,8 +311,9 @@ def test_per_node_commands_train_two_nodes_without_slurm(tmp_path):
     console = "".join(out for out, _ in outputs)
     assert sorted(losses(console)) == [1, 2, 3]  # each step printed once: by global rank 0
     assert console.count("step 3 | loss") == 1
+    rank_logs(job_dir, 2)
     for node in (0, 1):
-        rank_logs(job_dir, 1, under=f"logs/node{node}")
+        assert (job_dir / "logs" / f"node{node}").is_dir()
 
 
 @pytest.mark.integration
