@@ -2,17 +2,21 @@
 snapshot + background DCP write and commit) vs a synchronous torch.save of the same state,
 measured side by side in one process on one model.
 
-    .venv/bin/python bench/checkpoint.py                       # ~1.5 GB state on CPU
+    .venv/bin/python bench/checkpoint.py                       # ~1.4 GiB state on CPU
     .venv/bin/python bench/checkpoint.py --model llama3_2_1b --device cuda --seq-len 2048
 
-Phases, each `--every` x `--checkpoints` steps, checkpoints after steps every, 2*every, ...
-(so each is followed by `--every` steps to amortise over):
-  baseline   no checkpoints (run before and after the others; the mean is the reference)
-  async      memplan's Checkpointer (checkpoint.async_mode=thread)
-  torch.save torch.save(state_dict) + fsync in the loop
-Blocked = time the training thread spends in checkpoint calls (save, the pre-update wait;
-torch.save + fsync). Slowdown = phase wall time vs baseline (includes the background work
-competing for the CPU). Prints a table; exits 0.
+The run is a sequence of windows of `--every` steps, in rounds; each round has one window of
+each kind, in a rotated order so that drift in machine load falls on every kind alike:
+  baseline     no checkpoint
+  async        memplan's Checkpointer (checkpoint.async_mode=thread) saves at the window's
+               start; the window ends when the checkpoint is committed (so its background
+               work is charged to the window)
+  torch.save   torch.save(state_dict) + fsync at the window's start
+Blocked = time the training thread spends in checkpoint calls (save() and the pre-update wait;
+torch.save + fsync). Wall cost = median window time minus the median baseline window (medians:
+a shared machine's load bursts hit single windows). Amortised =
+per checkpoint / (`--every` x baseline step time). One async save before the rounds allocates
+the reused host buffers; its blocking time is printed apart. Prints a table; exits 0.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,9 +53,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ffn", type=int, default=2048)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch", type=int, default=2, help="sequences per step")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step")
     p.add_argument("--every", type=int, default=10, help="steps between checkpoints")
-    p.add_argument("--checkpoints", type=int, default=2, help="checkpoints per phase")
+    p.add_argument("--rounds", type=int, default=3, help="windows of each kind")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dir", help="where checkpoints go (default: a temporary directory)")
     return p.parse_args()
@@ -74,8 +79,8 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, device: torch.device, root: Path) -> None:
-        self.args, self.device, self.root = args, device, root
+    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+        self.args, self.device = args, device
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         cfg = model_config(args)
         train_cfg = TrainConfig(
@@ -88,66 +93,79 @@ class Bench:
         self.tokens = torch.randint(
             0, cfg.vocab_size, (args.batch, args.seq_len + 1), generator=generator
         )
-        self.steps = args.every * args.checkpoints
+        self.step_count = 0
 
     def step(self) -> None:
         self.runtime.train_step(self.tokens[:, :-1], self.tokens[:, 1:])
+        self.step_count += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def state_gib(self) -> float:
-        parts = self.runtime.stateful_parts()
-        return state_bytes({k: v.state_dict() for k, v in parts.items()}) / 2**30
-
-    def baseline(self) -> float:
-        start = time.perf_counter()
-        for _ in range(self.steps):
+    def steps(self) -> None:
+        for _ in range(self.args.every):
             self.step()
-        return time.perf_counter() - start
 
-    def run_async(self) -> tuple[float, list[float], list[float], float]:
-        """Wall time, blocked seconds and background persist seconds per checkpoint."""
-        cfg = CheckpointConfig(every=self.args.every, keep=1, async_mode="thread")
-        parts = self.runtime.stateful_parts()
-        ckpt = Checkpointer(cfg, self.root / "async", parts, self.device, {})
-        self.runtime.pre_update_hooks.append(ckpt.before_update)
+    def state(self) -> dict:
+        return {k: v.state_dict() for k, v in self.runtime.stateful_parts().items()}
+
+
+@dataclass
+class Window:
+    kind: str
+    wall: float
+    blocked: float = 0.0
+    detail: float = 0.0
+    """async: background persist seconds; torch.save: its fsync seconds."""
+
+
+def run(args: argparse.Namespace, device: torch.device, root: Path) -> tuple[Bench, list, float]:
+    bench = Bench(args, device)
+    for _ in range(2):  # optimizer state exists after the first step
+        bench.step()
+    cfg = CheckpointConfig(every=args.every, keep=1, async_mode="thread")
+    ckpt = Checkpointer(cfg, root / "async", bench.runtime.stateful_parts(), device, {})
+    bench.runtime.pre_update_hooks.append(ckpt.before_update)
+    ckpt.save(bench.step_count, {})  # allocates the reused host buffers
+    bench.step()
+    ckpt.finish()
+    first_blocked = ckpt.stats[-1].blocked_seconds
+    save_path = root / "torch_save.pt"
+
+    def baseline() -> Window:
         start = time.perf_counter()
-        for step in range(1, self.steps + 1):
-            self.step()
-            if step % self.args.every == 0 and step < self.steps:
-                ckpt.save(step, {})
-        wall = time.perf_counter() - start
-        finish = time.perf_counter()
+        bench.steps()
+        return Window("baseline", time.perf_counter() - start)
+
+    def asynchronous() -> Window:
+        start = time.perf_counter()
+        ckpt.save(bench.step_count, {})
+        bench.steps()
         ckpt.finish()
-        tail = time.perf_counter() - finish
-        ckpt.close()
-        self.runtime.pre_update_hooks.remove(ckpt.before_update)
-        failed = [s.step for s in ckpt.stats if not s.committed]
-        if failed:
-            raise SystemExit(f"async checkpoints at steps {failed} failed (see the log)")
-        blocked = [s.blocked_seconds for s in ckpt.stats]
-        persist = [s.persist_seconds or 0.0 for s in ckpt.stats]
-        return wall, blocked, persist, tail
+        stats = ckpt.stats[-1]
+        if not stats.committed:
+            raise SystemExit(f"the async checkpoint at step {stats.step} failed (see the log)")
+        return Window("async", time.perf_counter() - start, stats.blocked_seconds,
+                      stats.persist_seconds or 0.0)  # fmt: skip
 
-    def run_torch_save(self) -> tuple[float, list[float], list[float]]:
-        """Wall time and blocked seconds per checkpoint (torch.save, then its fsync)."""
-        path = self.root / "torch_save.pt"
-        saves, fsyncs = [], []
+    def torch_save() -> Window:
         start = time.perf_counter()
-        for step in range(1, self.steps + 1):
-            self.step()
-            if step % self.args.every == 0 and step < self.steps:
-                t0 = time.perf_counter()
-                parts = self.runtime.stateful_parts()
-                torch.save({k: v.state_dict() for k, v in parts.items()}, path)
-                t1 = time.perf_counter()
-                with open(path, "rb+") as handle:
-                    os.fsync(handle.fileno())
-                fsyncs.append(time.perf_counter() - t1)
-                saves.append(t1 - t0)
-        wall = time.perf_counter() - start
-        path.unlink()
-        return wall, saves, fsyncs
+        torch.save(bench.state(), save_path)
+        saved = time.perf_counter()
+        with open(save_path, "rb+") as handle:
+            os.fsync(handle.fileno())
+        blocked = time.perf_counter() - start
+        bench.steps()
+        return Window("torch.save", time.perf_counter() - start, blocked, blocked - (saved - start))
+
+    kinds = [baseline, asynchronous, torch_save]
+    windows = []
+    for round_index in range(args.rounds):
+        shift = round_index % len(kinds)
+        for kind in kinds[shift:] + kinds[:shift]:
+            windows.append(kind())
+    ckpt.close()
+    bench.runtime.pre_update_hooks.remove(ckpt.before_update)
+    return bench, windows, first_blocked
 
 
 def main() -> int:
@@ -158,74 +176,53 @@ def main() -> int:
     root = Path(args.dir or tempfile.mkdtemp(prefix="memplan-bench-ckpt-"))
     root.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
-    bench = Bench(args, device, root)
     try:
-        for _ in range(2):  # optimizer state exists after the first step
-            bench.step()
-        base_before = bench.baseline()
-        async_wall, blocked, persist, tail = bench.run_async()
-        save_wall, saves, fsyncs = bench.run_torch_save()
-        base_after = bench.baseline()
+        bench, windows, first_blocked = run(args, device, root)
     finally:
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)
-    base = (base_before + base_after) / 2
-    step_s = base / bench.steps
-    ckpts = args.checkpoints - 1  # each followed by `every` steps
-    gib = bench.state_gib()
 
+    def of(kind: str) -> list[Window]:
+        return [w for w in windows if w.kind == kind]
+
+    base = statistics.median(w.wall for w in of("baseline"))  # robust to load bursts
+    step_s = base / args.every
+    gib = state_bytes(bench.state()) / 2**30
     print(
         f"\nmodel {bench.num_params / 1e6:.0f}M params, state {gib:.2f} GiB (params + AdamW) on"
         f" {device.type} | torch {torch.__version__} | {os.cpu_count()} CPUs"
         f" | {args.batch} x {args.seq_len} tokens/step | checkpoint every {args.every} steps"
+        f" | {args.rounds} rounds"
     )
+    walls = ", ".join(f"{w.wall:.1f}" for w in of("baseline"))
     print(
-        f"baseline step {step_s:.3f} s (phase walls {base_before:.1f} s before, "
-        f"{base_after:.1f} s after) | load average before {load_before[0]:.2f}, "
-        f"after {os.getloadavg()[0]:.2f}"
+        f"baseline step {step_s:.3f} s (windows of {args.every} steps: {walls} s) | load average"
+        f" {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
     )
-    save_blocked = [s + f for s, f in zip(saves, fsyncs, strict=True)]
-    rows = [
-        (
-            "async (memplan)",
-            statistics.mean(blocked),
-            max(blocked),
-            (async_wall - base) / ckpts,
-            f"{statistics.mean(persist):.2f} s in background",
-        ),
-        (
-            "torch.save",
-            statistics.mean(saves),
-            max(saves),
-            (save_wall - base) / ckpts,
-            f"+ fsync {statistics.mean(fsyncs):.2f} s",
-        ),
-        (
-            "torch.save + fsync",
-            statistics.mean(save_blocked),
-            max(save_blocked),
-            (save_wall - base) / ckpts,
-            "",
-        ),
-    ]
-    window = args.every * step_s
-    print(
-        f"\n{'method':<20} {'blocked/ckpt':>13} {'max':>8} {'amortised':>10} "
+    print(f"first async save (allocates the host buffers): blocked {first_blocked:.4f} s")
+    header = (
+        f"\n{'method':<12} {'blocked/ckpt':>13} {'max':>8} {'amortised':>10} "
         f"{'wall cost/ckpt':>15} {'amortised':>10}  note"
     )
-    print(f"{'':<20} {'(s)':>13} {'(s)':>8} {'(blocked)':>10} {'(s)':>15} {'(wall)':>10}")
-    for name, mean, worst, wall_cost, note in rows:
+    print(header)
+    print(f"{'':<12} {'(s)':>13} {'(s)':>8} {'(blocked)':>10} {'(s)':>15} {'(wall)':>10}")
+    window = args.every * step_s
+    summary = {}
+    for kind, note in [("async", "s persisting in background"), ("torch.save", "s of it fsync")]:
+        rows = of(kind)
+        blocked = statistics.mean(w.blocked for w in rows)
+        cost = statistics.median(w.wall for w in rows) - base
+        summary[kind] = (blocked, cost)
         print(
-            f"{name:<20} {mean:>13.4f} {worst:>8.4f} {mean / window:>9.2%} "
-            f"{wall_cost:>15.2f} {wall_cost / window:>9.2%}  {note}"
+            f"{kind:<12} {blocked:>13.4f} {max(w.blocked for w in rows):>8.4f} "
+            f"{blocked / window:>9.2%} {cost:>15.2f} {cost / window:>9.2%}  "
+            f"{statistics.mean(w.detail for w in rows):.2f} {note}"
         )
-    ratio = statistics.mean(saves) / statistics.mean(blocked)
+    (async_blocked, async_cost), (save_blocked, _) = summary["async"], summary["torch.save"]
     print(
-        f"\nasync blocks {ratio:.0f}x less than torch.save per checkpoint "
-        f"(target >= 10x); amortised per step at every {args.every}: "
-        f"{statistics.mean(blocked) / window:.2%} blocked, "
-        f"{(async_wall - base) / ckpts / window:.2%} wall (target < 3%)"
-        f" | last commit finished {tail:.2f} s after the loop"
+        f"\nasync blocks {save_blocked / async_blocked:.0f}x less than torch.save + fsync per "
+        f"checkpoint (target >= 10x); amortised per step at every {args.every}: "
+        f"{async_blocked / window:.2%} blocked, {async_cost / window:.2%} wall (target < 3%)"
     )
     return 0
 
