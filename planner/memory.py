@@ -155,12 +155,3 @@ def predict_host_bytes_per_node(plan: Plan, cfg: Config, ranks: list[PipelineRan
 def zero_table_bytes(num_params: int, dp: int, zero_stage: int, dtype: str = "bf16") -> int:
     """Model-state bytes per GPU for a dense model on dp ranks (the ZeRO paper's table)."""
     return model_state_bytes(num_params, dp, zero_stage, dtype).total
-
-
-__all__ = [
-    "predict_host_bytes_per_node",
-    "predict_layer_activation_bytes",
-    "predict_stage_memory",
-    "stage_layers",
-    "zero_table_bytes",
-]
