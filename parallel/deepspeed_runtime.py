@@ -1,5 +1,11 @@
 """The DeepSpeed backend (layout.zero_backend = "deepspeed"; data parallel only: tp=pp=sp=1).
 
+The plan's per-layer activation policies (offload/) go on the layers before DeepSpeed wraps
+the model, as parallelize() does for FSDP2. Under ZeRO-3, offload, token-wise and selective
+recomputation run (with DeepSpeed's memory_efficient_linear off); full-layer recomputation is
+refused by ParallelDims.check_plan: DeepSpeed releases the parameters the recomputed layer
+needs in backward.
+
 deepspeed.initialize with zero_optimization.stage = layout.zero_stage (0-3), the trainer's
 AdamW (framework.optim: torch's implementation, so no DeepSpeed op is compiled) and LR
 schedule, gradient_accumulation_steps = num_microbatches (engine.backward divides each
@@ -32,6 +38,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 from configs.schema import ModelConfig, TrainConfig
 from framework.optim import build_lr_scheduler, build_optimizer
 from framework.runtime import StepOutput
+from offload import ActivationRuntime
+from parallel.parallelize import apply_activation_policies, is_trivial
 from parallel.stage_model import StageModel
 from parallel.state import SchedulersState
 from planner.plan import Plan
@@ -60,7 +68,12 @@ def deepspeed_config(
         "gradient_accumulation_steps": layout.num_microbatches,
         "train_batch_size": layout.micro_batch_size * layout.num_microbatches * layout.dp,
         "gradient_clipping": train_cfg.grad_clip if clip_in_deepspeed else 0.0,
-        "zero_optimization": {"stage": layout.zero_stage},
+        "zero_optimization": {
+            "stage": layout.zero_stage,
+            # ZeRO-3's own linear keeps the parameter, not the gathered weight, for backward;
+            # token-wise recomputation inside backward then finds it released (measured).
+            "memory_efficient_linear": all(is_trivial(layer) for layer in plan.layers),
+        },
         "bf16": {"enabled": dtype == torch.bfloat16},
         "zero_allow_untested_optimizer": True,  # torch's AdamW
         "steps_per_print": 2**31 - 1,
@@ -96,6 +109,8 @@ class DeepSpeedRuntime:
 
         model = StageModel(model_cfg, loss_chunk_tokens=train_cfg.loss_chunk_tokens).to(device)
         model.init_weights(train_cfg.seed)
+        self.activation_runtime = ActivationRuntime()
+        apply_activation_policies(model, plan.layers, self.activation_runtime, sp=1)
         module = LossModule(model)
         if layout.zero_stage == 3:
             # The loss reads the output weight outside its module's forward.
@@ -141,6 +156,7 @@ class DeepSpeedRuntime:
 
     def close(self) -> None:
         """Release the engine's optimizer and hooks (the process group stays)."""
+        self.activation_runtime.remove()
         self.engine.destroy()
 
 

@@ -104,6 +104,15 @@ class ParallelDims:
                 "layout.zero_backend",
                 f"deepspeed needs tp=pp=sp=1, got tp={self.tp} pp={self.pp} sp={self.sp}",
             )
+        if layout.zero_backend == "deepspeed" and layout.zero_stage == 3:
+            full = [layer.index for layer in plan.layers if layer.recompute == "full"]
+            if full:
+                raise ConfigError(
+                    f"layers[{full[0]}].recompute",
+                    "full recomputation does not run under zero_backend=deepspeed with "
+                    "zero_stage=3 (DeepSpeed releases the parameters the recomputed layer "
+                    "needs in backward); use zero_backend=fsdp2, zero_stage<=2 or selective",
+                )
         stage_layers(plan)
 
     @property

@@ -93,6 +93,9 @@ def run_case(case: Path, ctx: DistContext, references: dict[str, Reference]) -> 
         seen.add(name)
         diff = (full.detach().float().cpu() - ref_params[name]).abs().max()
         worst[0] = torch.maximum(worst[0], diff)
+    # layers handed to the offload engine, over all ranks (each layer once per replica)
+    engines = torch.tensor([len(runtime.activation_runtime.engines)])
+    dist.all_reduce(engines)
     seen_all: list[set[str]] = [set() for _ in range(ctx.world_size)]
     dist.all_gather_object(seen_all, seen)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
@@ -107,6 +110,7 @@ def run_case(case: Path, ctx: DistContext, references: dict[str, Reference]) -> 
         "ref_max_update": ref_update,
         "unknown_keys": int(worst[1]),
         "missing_keys": missing,
+        "activation_engines": int(engines),
         "seconds": time.perf_counter() - start,
     }
 

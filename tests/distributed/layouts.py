@@ -107,6 +107,13 @@ CASES = [
     Case("sp2", 2, {"sp": 2}, micro_batch_size=4),
     Case("tp2", 2, {"tp": 2}, micro_batch_size=4),
     Case("sp2_offload", 2, {"sp": 2}, policy="offload", micro_batch_size=4),
+    Case("dp2_zero3_offload", 2, {"dp": 2, "zero_stage": 3}, policy="offload", cli=False),
+    Case("dp2_zero3_recompute", 2, {"dp": 2, "zero_stage": 3}, policy="recompute", cli=False),
+    Case("dp2_zero3_deepspeed_offload", 2,
+         {"dp": 2, "zero_stage": 3, "zero_backend": "deepspeed"}, policy="offload",
+         cli=False),
+    Case("dp2_zero2_deepspeed_recompute", 2,
+         {"dp": 2, "zero_stage": 2, "zero_backend": "deepspeed"}, policy="recompute", cli=False),
     Case("pp2_1f1b_recompute", 2, _pp("1f1b"), policy="recompute", micro_batch_size=2),
     # tied embeddings: the last stage's copy on the other pp rank, and on the same one (V)
     Case("pp2_1f1b_tied_zero3", 2, _pp("1f1b", zero_stage=3), TIED, micro_batch_size=2, cli=False),
@@ -189,23 +196,30 @@ PLANNER_STEPS = 2
 def layout_features(layout: Layout) -> tuple[str, str, str]:
     """What selects code paths: the degrees > 1; how model states are replicated or sharded
     (ZeRO stage and backend, moot with one rank per replica group); the schedule."""
-    degrees = [
-        f"{d}{getattr(layout, d)}" for d in ("dp", "tp", "pp", "sp") if getattr(layout, d) > 1
-    ]
+    # which degrees exceed 1 (their values add no code path, except pp > 2: middle stages
+    # that hold neither the embedding nor the loss)
+    degrees = [d for d in ("dp", "tp", "pp", "sp") if getattr(layout, d) > 1]
+    if layout.pp > 2:
+        degrees[degrees.index("pp")] = "pp3+"
     zero = f"zero{layout.zero_stage}" if layout.dp * layout.sp > 1 else "nozero"
     schedule = "nopp" if layout.pp == 1 else f"{layout.pp_schedule}_v{layout.virtual_stages}"
     return "x".join(degrees), f"{zero}_{layout.zero_backend}", schedule
 
 
 def _pairs(features: tuple[str, str, str]) -> set[tuple[str, str]]:
+    """Pairs to cover: degrees with ZeRO, degrees with schedule, and FSDP (ZeRO-2/3) with
+    schedule (FSDP's hooks interact with each schedule's backward; ZeRO-0/1 act after it)."""
     degrees, zero, schedule = features
-    return {(degrees, zero), (degrees, schedule), (zero, schedule)}
+    pairs = {(degrees, zero), (degrees, schedule)}
+    if zero.startswith(("zero2_fsdp2", "zero3_fsdp2")):
+        pairs.add((zero, schedule))
+    return pairs
 
 
 def planner_kind_cases(worlds: tuple[int, ...] = (2, 4)) -> list[Case]:
     """Layouts the planner enumerates (both ZeRO backends), picked greedily until every pair
-    of (degrees, ZeRO, schedule) values that the planner can emit runs at least once, the
-    table's CASES counting as already run. Two steps each."""
+    (see _pairs) of values the planner can emit runs at least once, the table's CASES
+    counting as already run. Two steps each."""
     from planner.layouts import enumerate_layouts
 
     covered = set().union(*(_pairs(layout_features(c.plan().layout)) for c in CASES))
@@ -230,7 +244,7 @@ def planner_kind_cases(worlds: tuple[int, ...] = (2, 4)) -> list[Case]:
             covered |= new
             fields = dataclasses.asdict(best)
             micro = fields.pop("micro_batch_size")
-            name = "plan_" + "_".join(layout_features(best))
+            name = f"plan_w{world}_" + "_".join(layout_features(best))
             chosen.append(Case(name, world, fields, overrides, micro_batch_size=micro))
     return chosen
 

@@ -129,3 +129,21 @@ def test_norm_and_clipping_match_torch_on_one_process():
     before = [p.grad.clone() for p in model.parameters()]
     clip_grads_(model.parameters(), 0.0, got)  # grad_clip=0: clipping off
     assert all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters(), strict=True))
+
+
+def test_deepspeed_zero3_refuses_full_recomputation(tiny_config):
+    layers = [
+        LayerPlan(i, 0, 0.0, "full" if i == 2 else "selective", 0.0)
+        for i in range(tiny_config.model.num_layers)
+    ]
+    for stage, backend, refused in (
+        (3, "deepspeed", True),
+        (2, "deepspeed", False),
+        (3, "fsdp2", False),
+    ):
+        plan = manual_plan(tiny_config, layers=layers, dp=2, zero_stage=stage, zero_backend=backend)
+        if refused:
+            with pytest.raises(ConfigError, match=r"layers\[2\]\.recompute: full recomputation"):
+                _dims(plan).check_plan(plan)
+        else:
+            _dims(plan).check_plan(plan)
