@@ -107,6 +107,8 @@ class DeepSpeedRuntime:
         # ZeRO-0 in fp32 uses the plain optimizer, which does not report the norm: clip here.
         self.clip_here = layout.zero_stage == 0 and dtype == torch.float32
 
+        # An earlier ZeRO-3 engine in this process may have left its linear in place.
+        restore_torch_linear()
         model = StageModel(model_cfg, loss_chunk_tokens=train_cfg.loss_chunk_tokens).to(device)
         model.init_weights(train_cfg.seed)
         self.activation_runtime = ActivationRuntime()
@@ -158,6 +160,24 @@ class DeepSpeedRuntime:
         """Release the engine's optimizer and hooks (the process group stays)."""
         self.activation_runtime.remove()
         self.engine.destroy()
+        restore_torch_linear()
+
+
+def restore_torch_linear() -> None:
+    """Undo ZeRO-3's process-wide replacement of torch.nn.functional.linear.
+
+    With memory_efficient_linear on, DeepSpeed swaps F.linear for its own autograd function
+    and never swaps it back ("persists unless manually reset"). A later model in the same
+    process (another runtime, or one whose token-wise recomputation needs torch's linear)
+    would otherwise run DeepSpeed's, which fails in backward on non-ZeRO parameters.
+    """
+    from deepspeed.runtime.zero.partition_parameters import (
+        InsertPostInitMethodToModuleSubClasses as ZeroInit,
+    )
+
+    original = getattr(ZeroInit, "linear_bk", None)
+    if original is not None:
+        torch.nn.functional.linear = original
 
 
 @torch.no_grad()
