@@ -20,14 +20,27 @@ class DistContext:
 
 
 def init_distributed(device: torch.device, timeout_seconds: float = 600.0) -> DistContext:
-    """Join the default process group when started by torchrun (nccl on CUDA, gloo on CPU)."""
+    """Join the default process group when started by torchrun (nccl on CUDA, gloo on CPU).
+
+    The store is torchrun's (env://), seen through a prefix per restart attempt: torchrun
+    keeps one store across the restarts of an elastic job, and process groups are named by
+    creation order, so a restarted worker would otherwise read the previous attempt's
+    addresses for a group created after the default one (gloo then fails with "connection
+    refused" connecting to a dead peer; measured with the checkpoint's own gloo group).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if "MASTER_ADDR" in os.environ and not dist.is_initialized():
+        timeout = timedelta(seconds=timeout_seconds)
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
-            timeout=timedelta(seconds=timeout_seconds),
+            store=dist.PrefixStore(f"memplan/attempt_{attempt}", store),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
             device_id=device if device.type == "cuda" else None,
         )
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank)
