@@ -184,6 +184,10 @@ class LayoutCosts:
     reserved_bytes: int
     host_budget_bytes: int
     offload: bool
+    full_recompute: bool
+    """Whole-layer recomputation runs in this layout: not under DeepSpeed ZeRO-3, whose
+    engine has released the parameters the recomputed layer needs by backward (the runtime
+    refuses such a plan: parallel/dims.py)."""
     host_link: float
     """Host<->device copy bytes/s of one GPU, each direction."""
     gpus_per_node: int
@@ -409,6 +413,7 @@ def layout_costs(
         reserved_bytes=reserved,
         host_budget_bytes=host_budget_bytes(cluster, planner),
         offload=offload_enabled(cluster, planner),
+        full_recompute=not (layout.zero_backend == "deepspeed" and z == 3),
         host_link=rates.host_link,
         gpus_per_node=gpn,
     )

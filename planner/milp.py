@@ -161,9 +161,14 @@ def solve_layout(
     # ---------------------------------------------------------------- decision variables
     # N[c] ∈ Z, 1..L-S+1: number of layers of stage c (branching on it first pays off)
     N = {c: prob.add_variable(f"N_{c}", 1, most, cat=pulp.LpInteger) for c in range(S)}
-    # n[c][m] ∈ Z≥0: number of layers of stage c that use recompute mode m
+    # n[c][m] ∈ Z≥0: number of layers of stage c that use recompute mode m (no "full" where
+    # the layout cannot run it)
+    mode_most = {m: most if m != "full" or costs.full_recompute else 0 for m in modes}
     n = {
-        c: {m: prob.add_variable(f"n_{c}_{m}", 0, most, cat=pulp.LpInteger) for m in modes}
+        c: {
+            m: prob.add_variable(f"n_{c}_{m}", 0, mode_most[m], cat=pulp.LpInteger)
+            for m in modes
+        }
         for c in range(S)
     }
     # A[c][m] ∈ [0, L]: sum over those layers of offload_fraction (token-local tensors)

@@ -29,8 +29,8 @@ LAYOUTS = {
 }  # fmt: skip
 
 
-def solve(cfg, fields, gap=0.0):
-    layout = Layout(zero_backend="fsdp2", **fields)
+def solve(cfg, fields, gap=0.0, backend="fsdp2"):
+    layout = Layout(zero_backend=backend, **fields)
     costs = costs_for(cfg, layout)
     stages = StageMap.of(layout, cfg.cluster.gpus_per_node)
     b = bounds(costs, cfg.model.num_layers)
@@ -81,6 +81,26 @@ def test_no_offload_when_disabled():
     assert result.found
     for st in result.stages:
         assert not any(st.offload_sum.values()) and not any(st.anchor_offload_sum.values())
+
+
+def test_no_full_recompute_under_deepspeed_zero3():
+    # 40 GiB: FSDP2 ZeRO-3 needs a few whole-layer recomputations; DeepSpeed ZeRO-3 cannot
+    # run them (parallel/dims.py refuses the plan), so the same layout does not fit there.
+    cfg = compose_config(
+        [*LONG, "train.seq_len=16384", "planner.offload=off", "cluster.gpu_memory_gib=40"]
+    )
+    fields = dict(dp=8, tp=1, pp=1, sp=1, zero_stage=3, micro_batch_size=1, num_microbatches=1,
+                  pp_schedule="none")  # fmt: skip
+    _, _, fsdp, _ = solve(cfg, fields)
+    assert fsdp.found and sum(st.layers["full"] for st in fsdp.stages) > 0
+    _, costs, deepspeed, _ = solve(cfg, fields, backend="deepspeed")
+    assert not costs.full_recompute
+    assert not deepspeed.found
+    # with more memory it fits without them
+    roomier = compose_config([*LONG, "train.seq_len=16384", "planner.offload=off",
+                              "cluster.gpu_memory_gib=48"])  # fmt: skip
+    _, _, fits, _ = solve(roomier, fields, backend="deepspeed")
+    assert fits.found and all(st.layers["full"] == 0 for st in fits.stages)
 
 
 def test_infeasible_layout_reads_as_infeasible():
