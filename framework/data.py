@@ -21,6 +21,7 @@ from torch import Tensor
 
 from configs.errors import ConfigError
 from configs.schema import DataConfig
+from configs.tokens import check_token_file
 
 
 def stdlib_corpus(max_bytes: int) -> np.ndarray:
@@ -46,14 +47,7 @@ def open_tokens(cfg: DataConfig) -> np.ndarray:
     """The token array: a read-only memmap of cfg.path, or the embedded corpus."""
     if cfg.path is None:
         return stdlib_corpus(cfg.embedded_max_bytes)
-    path = Path(cfg.path)
-    if not path.is_file():
-        raise ConfigError("data.path", f"no such token file: {cfg.path}")
-    itemsize = np.dtype(cfg.dtype).itemsize
-    if path.stat().st_size % itemsize:
-        raise ConfigError(
-            "data.path", f"{cfg.path} is not a flat {cfg.dtype} array (size % {itemsize} != 0)"
-        )
+    path = check_token_file(cfg)
     try:
         return np.memmap(path, dtype=cfg.dtype, mode="r")
     except (OSError, ValueError) as exc:

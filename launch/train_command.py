@@ -14,6 +14,7 @@ from pathlib import Path
 
 from configs.errors import ConfigError
 from configs.schema import ClusterConfig, Config
+from configs.tokens import check_token_file
 from launch.compose import compose_config
 from launch.run_dir import prepare_run_dir
 from planner.plan import Plan, check_plan_matches
@@ -90,6 +91,7 @@ def run(args: list[str]) -> int:
     cfg = compose_config(args)
     plan = plan_for(cfg)
     check_single_node(cfg.cluster)
+    check_token_file(cfg.data)  # before anything is written or started
     run_dir = prepare_run_dir(cfg, plan)
     command = torchrun_command(run_dir, plan.layout.world_size, cfg.launch.max_restarts)
     if cfg.launch.dry_run:

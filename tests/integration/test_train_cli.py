@@ -11,6 +11,7 @@ import shlex
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,16 @@ def two_rank_plan(tmp_path_factory) -> Path:
     return write_plan(path, [*TINY, "cluster.gpus_per_node=2"], dp=2)
 
 
+@pytest.fixture(scope="module")
+def odd_token_file() -> Iterator[Path]:
+    """Three bytes: not a whole number of uint16 tokens (a fixed path, outside tmp_path,
+    which the test checks stays empty)."""
+    path = Path("/tmp/memplan-odd-tokens.bin")
+    path.write_bytes(b"abc")
+    yield path
+    path.unlink(missing_ok=True)
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize(
     ("args", "expected"),
@@ -135,14 +146,17 @@ def two_rank_plan(tmp_path_factory) -> Path:
             ["train", *TINY, "PLAN", "cluster.num_nodes=2"],
             "cluster.num_nodes: 2 nodes: memplan train runs on this node only; use memplan job",
         ),
+        (["train", *TINY, "data.path=/nonexistent/tokens.bin"], "data.path: no such token file"),
+        (["train", *TINY, "data.path=ODD"], "data.path: /tmp/memplan-odd-tokens.bin is not a flat"),
         (["job", *TINY, "PLAN"], "plan.path: plan needs 2 ranks"),
         (["job", "job.scheduler=pbs"], "job.scheduler"),
         (["job", "job.time=tomorrow"], "job.time: 'tomorrow' is not a SLURM time"),
     ],
     ids=lambda value: "-".join(value)[:40] if isinstance(value, list) else None,
 )
-def test_bad_input_is_exit_2_and_one_line(tmp_path, two_rank_plan, args, expected):
+def test_bad_input_is_exit_2_and_one_line(tmp_path, two_rank_plan, odd_token_file, args, expected):
     args = [f"plan.path={two_rank_plan}" if arg == "PLAN" else arg for arg in args]
+    args = [f"data.path={odd_token_file}" if arg == "data.path=ODD" else arg for arg in args]
     args += [f"launch.run_dir={tmp_path / 'run'}"] if args[0] == "train" else []
     done = memplan(*args, cwd=tmp_path)
     line = _one_line_error(done)

@@ -34,6 +34,10 @@ def test_missing_and_malformed_token_files(tmp_path):
     odd.write_bytes(b"abc")
     with pytest.raises(ConfigError, match="not a flat uint16 array"):
         open_tokens(DataConfig(path=str(odd), dtype="uint16"))
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"0 bytes, not a positive multiple of 4"):
+        open_tokens(DataConfig(path=str(empty), dtype="uint32"))
 
 
 def test_batches_are_a_function_of_seed_and_index():
