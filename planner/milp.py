@@ -165,10 +165,7 @@ def solve_layout(
     # the layout cannot run it)
     mode_most = {m: most if m != "full" or costs.full_recompute else 0 for m in modes}
     n = {
-        c: {
-            m: prob.add_variable(f"n_{c}_{m}", 0, mode_most[m], cat=pulp.LpInteger)
-            for m in modes
-        }
+        c: {m: prob.add_variable(f"n_{c}_{m}", 0, mode_most[m], cat=pulp.LpInteger) for m in modes}
         for c in range(S)
     }
     # A[c][m] ∈ [0, L]: sum over those layers of offload_fraction (token-local tensors)
