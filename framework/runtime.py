@@ -26,6 +26,7 @@ from configs.schema import ModelConfig, TrainConfig
 from framework.loss import chunked_cross_entropy
 from framework.model import Transformer, build_model, materialize
 from framework.optim import build_lr_scheduler, build_optimizer
+from offload import ActivationRuntime, apply_layer_policies, reserve_plan_host_memory
 from planner.plan import Plan
 
 
@@ -137,7 +138,8 @@ def autocast_context(device: torch.device, dtype: torch.dtype) -> Any:
 
 
 class LocalRuntime:
-    """One process, one device: gradient accumulation over micro-batches, clip, AdamW."""
+    """One process, one device: gradient accumulation over micro-batches, clip, AdamW. The
+    model's layers carry the plan's activation policies (build_local_runtime)."""
 
     def __init__(
         self,
@@ -157,6 +159,8 @@ class LocalRuntime:
         self.optimizer = build_optimizer([model], train_cfg, device)
         self.scheduler = build_lr_scheduler(self.optimizer, train_cfg)
         self.pre_update_hooks: list[Callable[[], None]] = []
+        self.activation_runtime = ActivationRuntime()
+        """The offload/recompute engines of the layers whose policy is not keep-all."""
 
     def train_step(self, inputs: Tensor, targets: Tensor) -> StepOutput:
         num_micro = inputs.shape[0] // self.micro_batch_size
@@ -189,7 +193,8 @@ class LocalRuntime:
         }
 
     def close(self) -> None:
-        """Nothing to release: the model and optimizer are ordinary objects."""
+        """Take the activation policies off the layers (their host slabs go with them)."""
+        self.activation_runtime.remove()
 
 
 def build_local_runtime(
@@ -199,6 +204,12 @@ def build_local_runtime(
     device: torch.device,
     dtype: torch.dtype,
 ) -> LocalRuntime:
-    """The plan's model on one device: build on meta, materialise, AdamW."""
+    """The plan's model on one device: build on meta, materialise, AdamW; every layer keeps,
+    offloads and recomputes what plan.layers says, with the host slabs of the offloading
+    layers allocated now (micro-batches run one at a time: one slab per layer)."""
     model = materialize(build_model(model_cfg), device, train_cfg.seed)
-    return LocalRuntime(model, train_cfg, plan.layout.micro_batch_size, device, dtype)
+    runtime = LocalRuntime(model, train_cfg, plan.layout.micro_batch_size, device, dtype)
+    apply_layer_policies(model.layers.values(), plan.layers, runtime.activation_runtime)
+    slabs = {int(layer.layer_index): 1 for layer in model.layers.values()}
+    reserve_plan_host_memory(runtime.activation_runtime, device, model_cfg, plan, slabs)
+    return runtime

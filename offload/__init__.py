@@ -11,8 +11,10 @@ from offload.apply import (
     ActivationRuntime,
     apply_activation_plan,
     apply_activation_policy,
+    apply_layer_policies,
     remove_activation_policy,
     reserve_host_memory,
+    reserve_plan_host_memory,
 )
 from offload.engine import LayerActivationEngine, LayerActivationStats, token_segments
 from offload.pool import HostBufferPool
@@ -24,7 +26,9 @@ __all__ = [
     "LayerActivationStats",
     "apply_activation_plan",
     "apply_activation_policy",
+    "apply_layer_policies",
     "remove_activation_policy",
     "reserve_host_memory",
+    "reserve_plan_host_memory",
     "token_segments",
 ]

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from configs.schema import ModelConfig
 from offload.engine import LayerActivationEngine, LayerActivationStats, LayerForward, make_pool
 from offload.pool import ALIGN_BYTES, HostBufferPool
 from offload.streams import CopyStreams
-from planner.plan import LayerPlan
+from planner.activations import LayerShape, layer_activation_bytes
+from planner.costs import dtype_bytes
+from planner.plan import LayerPlan, Plan
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +137,56 @@ def apply_activation_plan(
             layer, by_index[index], runtime=runtime, sequence_parallel=sequence_parallel
         )
     return runtime
+
+
+def apply_layer_policies(
+    layers: Iterable[nn.Module],
+    policies: Sequence[LayerPlan],
+    runtime: ActivationRuntime,
+    sequence_parallel: int = 1,
+) -> int:
+    """What the training runtimes do with plan.layers: each layer (matched by layer_index)
+    whose policy offloads or recomputes anything runs through the engine; a layer that keeps
+    everything keeps its plain forward (no hooks, no overhead). Returns the layers engaged."""
+    by_index = {policy.index: policy for policy in policies}
+    engaged = 0
+    for layer in layers:
+        policy = by_index[int(layer.layer_index)]
+        if policy.keeps_everything:
+            continue
+        apply_activation_policy(layer, policy, runtime=runtime, sequence_parallel=sequence_parallel)
+        engaged += 1
+    return engaged
+
+
+def reserve_plan_host_memory(
+    runtime: ActivationRuntime,
+    device: torch.device,
+    model: ModelConfig,
+    plan: Plan,
+    slabs_per_layer: Mapping[int, int],
+) -> int:
+    """Allocate, before the first step, the host slabs the plan's layers on this rank will
+    lease: for layer i, slabs_per_layer[i] slabs (its micro-batches in flight at once) of the
+    plan's predicted host bytes for one micro-batch (planner/activations.py, the same
+    inventory the plan's memory figures come from). Pinned on CUDA. Returns bytes reserved.
+
+    The pool matches a request to a slab within a small slack, so when the prediction holds
+    (tests/unit/test_offload_memory.py: within 2%) even step 1 allocates nothing; when it
+    does not, the pool allocates what is missing in step 1 and reuses it afterwards."""
+    layout = plan.layout
+    shape = LayerShape.of(model, dtype_bytes(plan.train.dtype), layout.tp, layout.sp)
+    seq_local = plan.train.seq_len // layout.sp
+    if runtime.pool is None:
+        runtime.pool = make_pool(device)
+    before = runtime.pool.allocated_bytes
+    for policy in plan.layers:
+        count = slabs_per_layer.get(policy.index, 0)
+        if count <= 0 or policy.keeps_everything:
+            continue
+        predicted = layer_activation_bytes(shape, layout.micro_batch_size, seq_local, policy)
+        reserve_host_memory(runtime.pool, [predicted.host_bytes], count)
+    return runtime.pool.allocated_bytes - before
 
 
 def remove_activation_policy(layer: nn.Module) -> None:

@@ -38,8 +38,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from configs.schema import ModelConfig, TrainConfig
 from framework.optim import build_lr_scheduler, build_optimizer
 from framework.runtime import StepOutput
-from offload import ActivationRuntime
-from parallel.parallelize import apply_activation_policies, is_trivial
+from offload import ActivationRuntime, apply_layer_policies, reserve_plan_host_memory
 from parallel.stage_model import StageModel
 from parallel.state import SchedulersState
 from planner.plan import Plan
@@ -72,7 +71,7 @@ def deepspeed_config(
             "stage": layout.zero_stage,
             # ZeRO-3's own linear keeps the parameter, not the gathered weight, for backward;
             # token-wise recomputation inside backward then finds it released (measured).
-            "memory_efficient_linear": all(is_trivial(layer) for layer in plan.layers),
+            "memory_efficient_linear": all(layer.keeps_everything for layer in plan.layers),
         },
         "bf16": {"enabled": dtype == torch.bfloat16},
         "zero_allow_untested_optimizer": True,  # torch's AdamW
@@ -112,7 +111,10 @@ class DeepSpeedRuntime:
         model = StageModel(model_cfg, loss_chunk_tokens=train_cfg.loss_chunk_tokens).to(device)
         model.init_weights(train_cfg.seed)
         self.activation_runtime = ActivationRuntime()
-        apply_activation_policies(model, plan.layers, self.activation_runtime, sp=1)
+        apply_layer_policies(model.layers.values(), plan.layers, self.activation_runtime)
+        # one micro-batch in flight: one host slab per offloading layer, allocated now
+        slabs = {int(name): 1 for name in model.layers}
+        reserve_plan_host_memory(self.activation_runtime, device, model_cfg, plan, slabs)
         module = LossModule(model)
         if layout.zero_stage == 3:
             # The loss reads the output weight outside its module's forward.

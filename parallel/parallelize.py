@@ -16,13 +16,13 @@ import logging
 import torch
 
 from framework.logs import log_rank0
-from offload import ActivationRuntime, apply_activation_policy
+from offload import ActivationRuntime, apply_layer_policies
 from parallel.dims import ParallelMesh
 from parallel.stage_model import StageModel
 from parallel.tensor_parallel import apply_tensor_parallel
 from parallel.ulysses import apply_ulysses
 from parallel.zero import apply_fsdp
-from planner.plan import LayerPlan, Plan
+from planner.plan import Plan
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def parallelize(
     layout = plan.layout
     apply_tensor_parallel(model, mesh.tp)
     apply_ulysses(model, mesh.sp.get_group())
-    apply_activation_policies(model, plan.layers, activation_runtime, layout.sp)
+    apply_layer_policies(model.layers.values(), plan.layers, activation_runtime, layout.sp)
     if layout.zero_stage >= 2:
         extra = ("loss",) if model.is_last else ()
         apply_fsdp(model, mesh.dp_sp, reshards_after_forward(plan), param_dtype, extra)
@@ -65,25 +65,3 @@ def reshards_after_forward(plan: Plan) -> bool:
         )
         return False
     return True
-
-
-def apply_activation_policies(
-    model: StageModel, policies: tuple[LayerPlan, ...], runtime: ActivationRuntime, sp: int
-) -> None:
-    """Hand each of the model's layers with a non-trivial policy to the offload engine (a
-    layer that keeps everything runs its plain forward)."""
-    for name, layer in model.layers.items():
-        policy = policies[int(name)]
-        if is_trivial(policy):
-            continue
-        apply_activation_policy(layer, policy, runtime=runtime, sequence_parallel=sp)
-
-
-def is_trivial(policy: LayerPlan) -> bool:
-    """Everything saved stays on the device: nothing offloaded or recomputed."""
-    return (
-        policy.recompute == "none"
-        and policy.offload_fraction == 0.0
-        and policy.recompute_fraction == 0.0
-        and policy.anchor_offload_fraction == 0.0
-    )

@@ -42,13 +42,6 @@ MULTI_STAGE = {
 }
 
 
-def stage_indices(pp_rank: int, pp: int, virtual_stages: int, schedule: str) -> list[int]:
-    """Global indices of the stages pp rank `pp_rank` runs, in the order the schedule wants."""
-    if schedule == "zbv_zero_bubble":
-        return [pp_rank, 2 * pp - 1 - pp_rank]
-    return [pp_rank + k * pp for k in range(virtual_stages)]
-
-
 class Pipeline:
     """One schedule over this rank's stage modules; `step` runs all micro-batches."""
 

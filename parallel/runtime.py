@@ -30,16 +30,17 @@ from configs.schema import ModelConfig, TrainConfig
 from framework.distributed import DistContext
 from framework.optim import build_lr_scheduler, build_optimizer
 from framework.runtime import StepOutput, TrainRuntime, autocast_context
-from offload import ActivationRuntime
+from offload import ActivationRuntime, reserve_plan_host_memory
 from parallel.dims import ParallelDims, ParallelMesh, stage_layers
 from parallel.grad_norm import clip_grads_, global_grad_norm
 from parallel.parallelize import parallelize
-from parallel.pipeline import EmbeddingGroup, Pipeline, stage_indices
+from parallel.pipeline import EmbeddingGroup, Pipeline
 from parallel.stage_model import StageModel
 from parallel.state import SchedulersState, StageModelState, StageOptimizerState
 from parallel.ulysses import sequence_chunk
 from parallel.zero import GradientAllReduce, OwnerBroadcast, partition_parameters
 from planner.plan import Plan
+from planner.schedules import chunk_inflight, rank_stages
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class ParallelRuntime:
         pp_rank = mesh.pp.get_local_rank()
         self.activation_runtime = ActivationRuntime()
         self.modules: list[StageModel] = []
-        for stage in stage_indices(pp_rank, layout.pp, layout.virtual_stages, layout.pp_schedule):
+        for stage in rank_stages(pp_rank, layout.pp, layout.virtual_stages, layout.pp_schedule):
             with torch.device("meta"):
                 model = StageModel(
                     model_cfg, stage, layout.num_stages, stages[stage], train_cfg.loss_chunk_tokens
@@ -106,6 +107,17 @@ class ParallelRuntime:
             model.to_empty(device=device)
             model.init_weights(train_cfg.seed)
             self.modules.append(model)
+        # host slabs for offloaded activations, allocated now: one per layer and micro-batch
+        # of its stage in flight at once under the schedule (planner/schedules.py)
+        in_flight = chunk_inflight(
+            layout.pp_schedule, pp_rank, layout.pp, layout.virtual_stages, layout.num_microbatches
+        )
+        slabs = {
+            int(name): count
+            for model, count in zip(self.modules, in_flight, strict=True)
+            for name in model.layers
+        }
+        reserve_plan_host_memory(self.activation_runtime, device, model_cfg, plan, slabs)
 
         self.pipeline = None
         if layout.pp > 1:
@@ -124,7 +136,7 @@ class ParallelRuntime:
             owners = {
                 stage: r
                 for r in range(layout.pp)
-                for stage in stage_indices(r, layout.pp, layout.virtual_stages, layout.pp_schedule)
+                for stage in rank_stages(r, layout.pp, layout.virtual_stages, layout.pp_schedule)
             }
             last_pp_rank = owners[layout.num_stages - 1]
             self.embedding_group = EmbeddingGroup(mesh, self.modules, last_pp_rank)

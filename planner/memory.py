@@ -61,13 +61,7 @@ def rank_params(costs: LayoutCosts, stages: StageMap, groups: list[list[LayerPla
 
 
 def _rematerialises(layers: list[LayerPlan]) -> bool:
-    return any(
-        layer.recompute != "none"
-        or layer.offload_fraction
-        or layer.recompute_fraction
-        or layer.anchor_offload_fraction
-        for layer in layers
-    )
+    return not all(layer.keeps_everything for layer in layers)
 
 
 def prefetch_bytes(costs: LayoutCosts, layers: list[LayerPlan]) -> float:

@@ -145,6 +145,16 @@ class LayerPlan:
                 "recompute_fraction must be 0 (use anchor_offload_fraction for the input)",
             )
 
+    @property
+    def keeps_everything(self) -> bool:
+        """Every saved activation stays on the device: nothing offloaded or recomputed."""
+        return (
+            self.recompute == "none"
+            and self.offload_fraction == 0.0
+            and self.recompute_fraction == 0.0
+            and self.anchor_offload_fraction == 0.0
+        )
+
 
 @dataclass(frozen=True)
 class MemoryBreakdown:

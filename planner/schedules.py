@@ -189,6 +189,15 @@ def inflight_profiles(
     return tuple(profiles)
 
 
+def chunk_inflight(
+    schedule: str, rank: int, pp: int, virtual_stages: int, num_microbatches: int
+) -> tuple[int, ...]:
+    """Most micro-batches each local chunk of pp rank `rank` holds at once (local chunk order
+    of rank_stages): how many host slabs each of its layers needs."""
+    profiles = inflight_profiles(schedule, pp, virtual_stages, num_microbatches)[rank]
+    return tuple(max(column) for column in zip(*profiles, strict=True))
+
+
 def peak_inflight(schedule: str, pp: int, virtual_stages: int, num_microbatches: int) -> int:
     """Most micro-batches any single stage holds at once (for reports)."""
     return max(

@@ -12,9 +12,9 @@ from torch import nn
 from configs.errors import ConfigError
 from parallel.dims import ParallelDims, stage_layers
 from parallel.grad_norm import clip_grads_, global_grad_norm
-from parallel.pipeline import stage_indices
 from parallel.zero import BUCKET_BYTES, _buckets, partition_parameters
 from planner.plan import LayerPlan
+from planner.schedules import rank_stages
 from tests.plans import manual_plan
 
 
@@ -87,12 +87,12 @@ def test_every_stage_needs_a_layer(tiny_config):
 )
 def test_stage_maps_cover_every_stage_once(schedule, virtual):
     pp = 4
-    owned = [stage_indices(r, pp, virtual, schedule) for r in range(pp)]
+    owned = [rank_stages(r, pp, virtual, schedule) for r in range(pp)]
     assert sorted(s for stages in owned for s in stages) == list(range(pp * virtual))
     if schedule == "zbv_zero_bubble":  # V: rank 0 holds the first and the last stage
-        assert owned[0] == [0, 7] and owned[3] == [3, 4]
+        assert owned[0] == (0, 7) and owned[3] == (3, 4)
     if schedule == "interleaved_1f1b":
-        assert owned[1] == [1, 5, 9]
+        assert owned[1] == (1, 5, 9)
 
 
 def test_zero1_partition_is_balanced_and_deterministic():
