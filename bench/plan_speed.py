@@ -1,9 +1,13 @@
-"""Plan-search speed against model depth: `python bench/plan_speed.py [--quick]`.
+"""Plan-search speed against model depth and layout candidates:
+`python bench/plan_speed.py [--quick]`.
 
-For llama3_70b widths with 8..128 layers on h100_64x (seq 8192, 256 sequences per step):
-the full layout search (wall time, layouts enumerated, MILPs solved, status), and single
-MILP solves of fixed layouts (pp = 1, pp = 8 with 1F1B, pp = 8 interleaved with 2 stages
-per rank) to show how one solve grows with the number of layers. Prints one table; exit 0.
+1. For llama3_70b widths with 8..128 layers on h100_64x (seq 8192, 256 sequences per step):
+   the full layout search (wall time, layouts enumerated, MILPs solved, status), and single
+   MILP solves of fixed layouts (pp = 1, pp = 8 with 1F1B, pp = 8 interleaved with 2 stages
+   per rank) to show how one solve grows with the number of layers.
+2. For llama3_70b (80 layers) on 1..32 nodes of 8 H100s: the number of layout candidates
+   the search enumerates grows with the GPU count; search time against it.
+Prints two tables; exit 0.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from launch.compose import compose_config
 from planner.bounds import bounds
 from planner.costs import costs_for
+from planner.errors import NoFeasiblePlan
 from planner.milp import solve_layout, solver_name
 from planner.plan import Layout
 from planner.schedules import StageMap
@@ -88,6 +93,28 @@ def main() -> int:
         print(
             f"{layers:>6} | {search_s:>8.2f} | {search_cpu:>6.2f} | {s.layouts_considered:>7} | "
             f"{s.candidates_evaluated:>5} | {s.status:<21} | " + " | ".join(cells)
+        )
+    print("\nllama3_70b (80 layers) on N nodes of 8 H100s: search time against layout candidates")
+    header = (
+        f"{'GPUs':>5} | {'layouts':>7} | {'MILPs':>5} | {'search s':>8} | {'cpu s':>6} | "
+        f"{'status':<21} | layout chosen"
+    )
+    print(header)
+    print("-" * len(header))
+    for nodes in [1, 2, 4, 8, 16] if args.quick else [1, 2, 4, 8, 16, 32]:
+        cfg = compose_config([*BASE, f"cluster.num_nodes={nodes}"])
+        started, cpu = time.perf_counter(), time.process_time()
+        try:
+            plan = make_plan(cfg)
+        except NoFeasiblePlan:
+            print(f"{nodes * 8:>5} | no feasible plan")
+            continue
+        search_s, search_cpu = time.perf_counter() - started, time.process_time() - cpu
+        s, lay = plan.solver, plan.layout
+        chosen = f"dp{lay.dp} tp{lay.tp} pp{lay.pp} sp{lay.sp} zero{lay.zero_stage}"
+        print(
+            f"{nodes * 8:>5} | {s.layouts_considered:>7} | {s.candidates_evaluated:>5} | "
+            f"{search_s:>8.2f} | {search_cpu:>6.2f} | {s.status:<21} | {chosen}"
         )
     cfg = compose_config(BASE)
     print(f"\ndefault planner settings: {dataclasses.asdict(cfg.planner)}")
