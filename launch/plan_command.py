@@ -90,6 +90,8 @@ def memory_table(plan: Plan) -> Table:
         ("activations (in flight)", m.activations_bytes),
         ("other (transient, buffers)", m.other_bytes),
     ]
+    if m.grads_pending_bytes:  # one micro-batch: the peak comes before all gradients exist
+        rows.append(("grads not yet produced at the peak", -m.grads_pending_bytes))
     for name, value in rows:
         table.add_row(name, gib(value), f"{100 * value / budget:.1f}%")
     table.add_row("[bold]peak[/bold]", f"[bold]{gib(m.gpu_peak_bytes)}[/bold]",
@@ -110,10 +112,11 @@ def memory_table(plan: Plan) -> Table:
 
 def ranks_table(plan: Plan) -> Table:
     table = Table(title="per pipeline rank", title_justify="left")
+    # states: params + optimizer + the gradients live at the peak
     for name in ("rank", "stages", "layers", "states", "activations", "other", "peak", "host"):
         table.add_column(name, justify="right")
     for r in plan.ranks:
-        states = r.params_bytes + r.grads_bytes + r.optimizer_bytes
+        states = r.params_bytes + r.grads_bytes + r.optimizer_bytes - r.grads_pending_bytes
         table.add_row(
             str(r.pp_rank),
             ",".join(map(str, r.stages)),

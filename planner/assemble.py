@@ -123,6 +123,7 @@ def build_plan(cfg: Config, layout: Layout, layers: list[LayerPlan], solver: Sol
         gpu_total_bytes=int(cfg.cluster.gpu_memory_gib * GIB),
         reserved_bytes=costs.reserved_bytes,
         host_budget_bytes_per_node=costs.host_budget_bytes,
+        grads_pending_bytes=top.grads_pending_bytes,
     )
     with_memory = dataclasses.replace(draft, memory=memory, ranks=tuple(ranks))
     return dataclasses.replace(with_memory, time=predict_step_time(with_memory, cfg))

@@ -101,4 +101,6 @@ def bounds(costs: LayoutCosts, num_layers: int) -> Bounds:
     memory = (
         states + costs.workspace_bytes + costs.zero_layer_transient_bytes + costs.full_layer_bytes
     )
+    if costs.grads_follow_backward:  # the first layer's backward: all but the embedding's
+        memory -= costs.grads_bytes_per_param * first.params
     return Bounds(step + tail / pp, memory, stage_max, rank_max, residue_max)

@@ -160,6 +160,15 @@ class LayoutCosts:
     layer_params: int
     state_bytes_per_param: float
     """Model-state bytes per parameter on one GPU after ZeRO sharding (exact division)."""
+    grads_bytes_per_param: float
+    """The gradients' part of state_bytes_per_param."""
+    grads_follow_backward: bool
+    """The step's gradients appear during its one backward, layer by layer, as the layers'
+    saved activations are freed, so the peak never holds all of both: one micro-batch per
+    step, no pipeline, and a torch optimizer whose gradients are dropped after every step
+    (zero_backend fsdp2 and the one-process runtime). With a second micro-batch or pipeline
+    stages, forwards run while earlier gradients are held; DeepSpeed keeps its gradient
+    buffers between steps."""
     staging_bytes_per_param: float
     """Checkpoint staging (params + optimizer shard) on the host per parameter, or 0."""
     optimizer_seconds_per_param: float
@@ -321,6 +330,7 @@ def layout_costs(
         + per.grads * _shard_factor(z, 2, shard)
         + per.optimizer * _shard_factor(z, 1, shard)
     )
+    grads_per_param = per.grads * _shard_factor(z, 2, shard)
     staging_per_param = (
         per.params * _shard_factor(z, 3, shard) + per.optimizer * _shard_factor(z, 1, shard)
         if checkpointing
@@ -395,6 +405,10 @@ def layout_costs(
         full_layer_bytes=anchor + local_none,
         layer_params=psi,
         state_bytes_per_param=state_per_param,
+        grads_bytes_per_param=grads_per_param,
+        grads_follow_backward=(
+            layout.zero_backend == "fsdp2" and layout.pp == 1 and layout.num_microbatches == 1
+        ),
         staging_bytes_per_param=staging_per_param,
         optimizer_seconds_per_param=opt_seconds_per_param,
         zero_overlapped_seconds_per_param=overlapped_per_param / zero_link,

@@ -8,6 +8,11 @@ Peak of one GPU of pp rank p = model states + max over the schedule's in-flight 
 (planner/schedules.py) of [ sum over p's stages c of t_c x (device-resident saved bytes of
 c's layers + RoPE tables + first/last-stage extras + pipeline stage input/output)
 + pipeline buffers + transient working set ].
+
+When a step's gradients appear during its one backward (LayoutCosts.grads_follow_backward:
+one micro-batch, no pipeline, torch's optimizer), the peak follows backward instead: the
+activations still saved plus the gradients produced so far (_peak_as_gradients_arrive), and
+the plan reports the gradients not yet produced at that instant as grads_pending_bytes.
 """
 
 from __future__ import annotations
@@ -101,22 +106,32 @@ def predict_stage_memory(plan: Plan, cfg: Config) -> list[PipelineRankMemory]:
         ]
         if last in chunk_list:
             phases.append(costs.loss_transient_bytes + costs.zero_output_transient_bytes)
-        best = (-1.0, 0.0, 0.0)
-        host_peak = 0.0
-        for vec in stages.inflight[p]:
-            act = sum(
-                count * (device[c] + _stage_constant_bytes(costs, c, stages.num_stages))
-                for count, c in zip(vec, chunk_list, strict=True)
+        grads_pending = 0.0
+        if costs.grads_follow_backward:  # pp = 1: one rank, one stage, one micro-batch
+            layer_transient, loss_transient = phases[0], phases[-1]
+            constant = _stage_constant_bytes(costs, 0, stages.num_stages)
+            act, grads_live, transient = _peak_as_gradients_arrive(
+                costs, mine, per_layer, constant, layer_transient, loss_transient
             )
-            offloaded = sum(count * host[c] for count, c in zip(vec, chunk_list, strict=True))
-            host_peak = max(host_peak, offloaded)
-            for transient in phases:
-                total = act + transient
-                if total > best[0]:
-                    best = (total, act, transient)
-        _, act, transient = best
+            grads_pending = max(0.0, states.grads - grads_live)
+        else:
+            best = (-1.0, 0.0, 0.0)
+            for vec in stages.inflight[p]:
+                act = sum(
+                    count * (device[c] + _stage_constant_bytes(costs, c, stages.num_stages))
+                    for count, c in zip(vec, chunk_list, strict=True)
+                )
+                for transient in phases:
+                    total = act + transient
+                    if total > best[0]:
+                        best = (total, act, transient)
+            _, act, transient = best
+        host_peak = max(
+            sum(count * host[c] for count, c in zip(vec, chunk_list, strict=True))
+            for vec in stages.inflight[p]
+        )
         staging = round(costs.staging_bytes_per_param * psi)
-        peak = states.total + act + buffers + transient
+        peak = states.total - grads_pending + act + buffers + transient
         result.append(
             PipelineRankMemory(
                 pp_rank=p,
@@ -131,9 +146,40 @@ def predict_stage_memory(plan: Plan, cfg: Config) -> list[PipelineRankMemory]:
                 peak_bytes=round(peak),
                 host_bytes=round(host_peak),
                 staging_bytes=staging,
+                grads_pending_bytes=round(grads_pending),
             )
         )
     return result
+
+
+def _peak_as_gradients_arrive(
+    costs: LayoutCosts,
+    layers: list[LayerPlan],
+    per_layer: list[LayerActivationBytes],
+    constant: float,
+    layer_transient: float,
+    loss_transient: float,
+) -> tuple[float, float, float]:
+    """(activations, gradients, transient) live at the peak of a step whose gradients appear
+    during its one backward (costs.grads_follow_backward).
+
+    Backward runs the loss (the output layer's gradients accumulate over the logits chunks),
+    then the layers from the last to the first: while layer l runs, the saved activations of
+    layers 0..l, the gradients of the layers after l and of the output layer, l's own
+    gradients and the layer working set are live; then l's activations are freed. Last the
+    embedding's gradients. planner/milp.py bounds the same sequence at the boundaries of
+    its (stage, mode) groups."""
+    per_param = costs.grads_bytes_per_param
+    layer_grads = per_param * costs.layer_params
+    acts = constant + sum(per_layer[layer.index].device_bytes for layer in layers)
+    grads = per_param * costs.last.params
+    moments = [(acts, grads, loss_transient)]
+    for layer in sorted(layers, key=lambda item: item.index, reverse=True):
+        moments.append((acts, grads + layer_grads, layer_transient))
+        acts -= per_layer[layer.index].device_bytes
+        grads += layer_grads
+    moments.append((acts, grads + per_param * costs.first.params, 0.0))
+    return max(moments, key=sum)
 
 
 def predict_host_bytes_per_node(plan: Plan, cfg: Config, ranks: list[PipelineRankMemory]) -> int:

@@ -214,12 +214,14 @@ def solve_layout(
     anchor = {m: cost[m].anchor_bytes / UNIT for m in modes}
     local = {m: cost[m].local_bytes / UNIT for m in modes}
 
+    def kept_group_bytes(c: int, m: str) -> pulp.LpAffineExpression:
+        """Device-resident saved bytes of stage c's mode-m layers (one micro-batch)."""
+        if m in SPLIT_MODES:
+            return anchor[m] * (n[c][m] - Bq[c][m]) + local[m] * (n[c][m] - A[c][m] - R[c][m])
+        return anchor[m] * (n[c][m] - Bq[c][m])
+
     def kept_bytes(c: int) -> pulp.LpAffineExpression:
-        split = pulp.lpSum(
-            anchor[m] * (n[c][m] - Bq[c][m]) + local[m] * (n[c][m] - A[c][m] - R[c][m])
-            for m in SPLIT_MODES
-        )
-        return split + anchor["full"] * (n[c]["full"] - Bq[c]["full"])
+        return pulp.lpSum(kept_group_bytes(c, m) for m in modes)
 
     def host_bytes(c: int, m: str) -> pulp.LpAffineExpression:
         offloaded = local[m] * A[c][m] if m in SPLIT_MODES else 0
@@ -324,11 +326,42 @@ def solve_layout(
     layer_phase = (costs.workspace_bytes + costs.zero_layer_transient_bytes) / UNIT
     loss_phase = (costs.loss_transient_bytes + costs.zero_output_transient_bytes) / UNIT
     full_layer = costs.full_layer_bytes / UNIT
+
+    def gpu_row(total: pulp.LpAffineExpression, name: str) -> None:
+        if peak is not None:
+            prob.addConstraint(peak >= total, f"peak_{name}")
+        else:
+            prob.addConstraint(total <= budget, f"gpu_memory_{name}")
+
     for p, chunk_list in enumerate(stages.rank_stages):
         states = costs.state_bytes_per_param / UNIT * params(p)
         phases = [layer_phase + full_layer * y[p] + pf[p]]
         if last in chunk_list:
             phases.append(loss_phase)
+        if costs.grads_follow_backward:
+            # One micro-batch, no pipeline (one rank, one stage): gradients appear during
+            # backward as activations are freed. Backward runs the loss, then the layers
+            # last to first: by mode group "none", "selective", "full" (layer_policies
+            # emits a stage's layers in MODE_ORDER), then the embedding. Within a group of
+            # identical layers the live bytes change linearly, so the group's boundaries
+            # bound them: at each boundary b (0: before any layer, 3: after the last)
+            #   states - grads + constants + kept(groups not yet run) + grads(output layer
+            #   + layers run) + one layer's grads + layer transient <= budget
+            # plus the loss phase (all kept, output-layer grads, loss transient) and the
+            # embedding's backward (all layer grads + its own).
+            per = costs.grads_bytes_per_param / UNIT
+            layer_grads = per * costs.layer_params
+            base = states - per * params(p) + stage_constant_bytes(0) + per * costs.last.params
+            kept = {m: kept_group_bytes(0, m) for m in modes}
+            gpu_row(base + pulp.lpSum(kept.values()) + phases[-1], f"{p}_loss")
+            backward = ("none", "selective", "full")
+            for b in range(len(backward) + 1):
+                waiting, ran = backward[b:], backward[:b]
+                live = base + pulp.lpSum(kept[m] for m in waiting)
+                live += layer_grads * pulp.lpSum(n[0][m] for m in ran)
+                gpu_row(live + layer_grads + phases[0], f"{p}_backward_{b}")
+            gpu_row(base + layer_grads * N[0] + per * costs.first.params, f"{p}_embedding")
+            continue
         for k, vec in enumerate(stages.inflight[p]):
             act = pulp.lpSum(
                 count * (kept_bytes(c) + stage_constant_bytes(c))
@@ -336,11 +369,7 @@ def solve_layout(
                 if count
             )
             for j, transient in enumerate(phases):
-                total = states + act + buffers + transient
-                if peak is not None:
-                    prob += peak >= total, f"peak_{p}_{k}_{j}"
-                else:
-                    prob += total <= budget, f"gpu_memory_{p}_{k}_{j}"
+                gpu_row(states + act + buffers + transient, f"{p}_{k}_{j}")
 
     # [Constraint] host RAM: hst[p] >= offloaded bytes of every in-flight vector of rank p,
     #   and per node: sum over its GPUs of (hst + checkpoint staging) <= host budget

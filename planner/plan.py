@@ -174,6 +174,10 @@ class MemoryBreakdown:
     """Kept free: the allocator fragmentation reserve plus the CUDA context (cuda only)."""
     host_budget_bytes_per_node: int = 0
     """Host RAM per node the plan may use (cluster.host_memory_gib minus the OS reserve)."""
+    grads_pending_bytes: int = 0
+    """Gradients not produced yet at the peak instant (one micro-batch per step, no
+    pipeline: they appear during backward as activations are freed), so
+    gpu_peak = params + grads + optimizer + activations + other - grads_pending."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +204,9 @@ class PipelineRankMemory:
     """Offloaded activation bytes of one GPU of this rank at its peak (host RAM)."""
     staging_bytes: int = 0
     """Host bytes for the asynchronous checkpoint snapshot of this GPU's states."""
+    grads_pending_bytes: int = 0
+    """Gradients not produced yet at the peak (steps whose gradients appear during their one
+    backward): peak = params + grads + optimizer + activations + other - this."""
 
     @property
     def other_bytes(self) -> int:

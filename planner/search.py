@@ -197,17 +197,21 @@ def minimum_use(cfg: Config, objective: str, time_limit: float) -> float | None:
     return best
 
 
-def make_plan(cfg: Config) -> Plan:
+def make_plan(cfg: Config, explain: bool = True) -> Plan:
     """The fastest predicted plan for cfg within its GPU and host memory budgets.
 
     Raises NoFeasiblePlan (one line: the binding constraint and the smallest change that
-    makes a plan feasible) or ConfigError (no executable layout exists at all).
+    makes a plan feasible; explain=False skips that search, for callers that only need to
+    know, such as a sweep over sequence lengths) or ConfigError (no executable layout
+    exists at all).
     """
     from planner.explain import explain_infeasible  # only on failure
 
     planner = cfg.planner
     outcome = search(cfg, planner.time_limit_seconds, planner.mip_gap)
     if outcome.best is None or outcome.result is None:
+        if not explain:
+            raise NoFeasiblePlan("no plan fits the GPU and host memory budgets")
         raise NoFeasiblePlan(explain_infeasible(cfg, outcome))
     best = outcome.best
     optimal = outcome.complete and outcome.proven

@@ -86,20 +86,19 @@ def test_no_offload_when_disabled():
 def test_no_full_recompute_under_deepspeed_zero3():
     # 40 GiB: FSDP2 ZeRO-3 needs a few whole-layer recomputations; DeepSpeed ZeRO-3 cannot
     # run them (parallel/dims.py refuses the plan), so the same layout does not fit there.
-    cfg = compose_config(
-        [*LONG, "train.seq_len=16384", "planner.offload=off", "cluster.gpu_memory_gib=40"]
-    )
-    fields = dict(dp=8, tp=1, pp=1, sp=1, zero_stage=3, micro_batch_size=1, num_microbatches=1,
+    # Two micro-batches: both backends then hold every gradient at the peak.
+    long = [*LONG, "train.seq_len=16384", "train.global_batch_size=16", "planner.offload=off"]
+    fields = dict(dp=8, tp=1, pp=1, sp=1, zero_stage=3, micro_batch_size=1, num_microbatches=2,
                   pp_schedule="none")  # fmt: skip
+    cfg = compose_config([*long, "cluster.gpu_memory_gib=40"])
     _, _, fsdp, _ = solve(cfg, fields)
     assert fsdp.found and sum(st.layers["full"] for st in fsdp.stages) > 0
     _, costs, deepspeed, _ = solve(cfg, fields, backend="deepspeed")
     assert not costs.full_recompute
     assert not deepspeed.found
     # with more memory it fits without them
-    roomier = compose_config([*LONG, "train.seq_len=16384", "planner.offload=off",
-                              "cluster.gpu_memory_gib=48"])  # fmt: skip
-    _, _, fits, _ = solve(roomier, fields, backend="deepspeed")
+    _, _, fits, _ = solve(compose_config([*long, "cluster.gpu_memory_gib=48"]), fields,
+                          backend="deepspeed")  # fmt: skip
     assert fits.found and all(st.layers["full"] == 0 for st in fits.stages)
 
 
@@ -126,3 +125,32 @@ def test_round_split_keeps_the_total_and_one_layer_per_stage():
     for parts in ([0.0, 0.0, 10.0], [3.3, 3.3, 3.4]):
         split = _round_split(parts, 10)
         assert sum(split) == 10 and min(split) >= 1
+
+
+def test_one_micro_batch_peak_counts_only_the_gradients_produced_so_far():
+    # MEMO's setting: one 128K sequence per step over sp8, no pipeline. Gradients appear
+    # during the one backward as saved activations are freed: the peak holds the output
+    # layer's gradients and at most one decoder layer's, not all of them.
+    cfg = compose_config([*LONG, "train.seq_len=131072", "train.global_batch_size=1"])
+    fields = dict(dp=1, tp=1, pp=1, sp=8, zero_stage=3, micro_batch_size=1, num_microbatches=1,
+                  pp_schedule="none")  # fmt: skip
+    layout, costs, result, b = solve(cfg, fields)
+    assert costs.grads_follow_backward and result.found
+    plan = build_plan(cfg, layout, layer_policies(result.stages, costs.seq_local), SOLVER)
+    m = plan.memory
+    assert m.gpu_peak_bytes <= m.gpu_budget_bytes  # the MILP's group bounds hold per layer
+    per = costs.grads_bytes_per_param
+    live_at_loss = per * costs.last.params
+    live_at_first_layer = live_at_loss + per * costs.layer_params
+    assert m.grads_bytes - m.grads_pending_bytes in (
+        pytest.approx(live_at_loss, abs=16),
+        pytest.approx(live_at_first_layer, abs=16),
+    )
+    parts = m.params_bytes + m.grads_bytes + m.optimizer_bytes + m.activations_bytes
+    assert m.gpu_peak_bytes == parts + m.other_bytes - m.grads_pending_bytes
+    assert b.memory <= m.gpu_peak_bytes  # the closed-form bound stays a bound
+    # a second micro-batch runs its forward with the first one's gradients held
+    two = dict(fields, num_microbatches=2)
+    cfg2 = compose_config([*LONG, "train.seq_len=131072", "train.global_batch_size=2"])
+    _, costs2, _, _ = solve(cfg2, two)
+    assert not costs2.grads_follow_backward
