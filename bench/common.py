@@ -155,8 +155,8 @@ def describe_device(
 
 def cluster_overrides(info: DeviceInfo) -> list[str]:
     """Config overrides of a one-device cluster that is this device. On the CPU the device
-    is the emulated budget and activation offload is switched on (planner.offload=on), so
-    the plan uses the same tools as on a GPU."""
+    is the emulated budget, activation offload is switched on (planner.offload=on), so the
+    plan uses the same tools as on a GPU, and no allocator reserve is kept."""
     host_gib = info.host_bytes / GIB
     if info.device.type == "cuda":
         overrides = [
@@ -174,6 +174,9 @@ def cluster_overrides(info: DeviceInfo) -> list[str]:
         f"cluster.host_memory_gib={host_gib:.3f}",
         f"cluster.peak_tflops={info.peak_tflops}",
         "planner.offload=on",
+        # LiveBytes counts exact allocations: there is no caching allocator to fragment, so
+        # the plan gets the same budget the measured baselines are held to
+        "planner.fragmentation_reserve_fraction=0",
     ]
 
 

@@ -11,6 +11,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,6 +79,22 @@ def _one_line_error(done: subprocess.CompletedProcess) -> str:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     return lines[0]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_memplan_train_without_overrides_is_the_demo_job(tmp_path):
+    """What `make demo` runs: the tiny model on the embedded corpus, 300 steps, on this
+    2-core machine in under 3 minutes, the last loss at least 30% below the first."""
+    started = time.monotonic()
+    done = memplan("train", cwd=tmp_path)
+    seconds = time.monotonic() - started
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    found = {step: float(loss) for step, loss in losses(done.stdout).items()}
+    assert max(found) == 300 and min(found) == 1
+    assert found[300] <= 0.7 * found[1], (found[1], found[300])
+    assert seconds < 180, f"{seconds:.0f} s"
+    assert list((tmp_path / "runs").glob("*/wandb/offline-run-*"))  # wandb on, offline
 
 
 @pytest.mark.integration
