@@ -13,6 +13,13 @@ Rules (every emitted plan satisfies all of them; `layout_problems` names the fir
   virtual_stages >= 2; zbv_zero_bubble uses exactly 2; the three multi-stage schedules need
   num_microbatches to be a multiple of pp.
 - zero_backend "deepspeed" only with tp = pp = sp = 1; otherwise "fsdp2".
+The search proposes, in addition: in bf16 with zero_backend "fsdp2", ZeRO-2/3 only (one
+rank: ZeRO-3, FSDP2 on a one-rank mesh). FSDP2 computes in bf16 from fp32 shards, which is
+the planner's accounting (2 + 2 + 12 bytes of states per parameter, bf16 activations); the
+torch ZeRO-0/1 path keeps fp32 weights under bf16 autocast, which saves 2x the bytes per layer
+(fp32 residual stream and norms, a bf16 copy of every weight; bench/estimator_accuracy.py)
+and 4 + 4 bytes of weights and gradients per parameter. DeepSpeed's ZeRO-0/1 are real mixed
+precision (bf16 weights, fp32 master copies) and stay.
 Mesh order (what the cost model assumes about which groups share a node): (pp, dp, sp, tp),
 tp innermost; ZeRO shards over the dp x sp ranks.
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 from configs.errors import ConfigError
 from configs.schema import ClusterConfig, ModelConfig, PlannerConfig, TrainConfig
+from planner.costs import training_dtype
 from planner.plan import Layout
 
 MULTI_STAGE = ("interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble")
@@ -121,9 +129,10 @@ def enumerate_layouts(
     model: ModelConfig, cluster: ClusterConfig, train: TrainConfig, planner: PlannerConfig
 ) -> list[Layout]:
     """Every layout the planner may emit for this model, cluster and batch (deterministic
-    order). With one rank sharing the model states (dp x sp = 1) all ZeRO stages are the
-    same, so only the lowest allowed one is listed."""
+    order). With one rank sharing the model states (dp x sp = 1) the ZeRO stages shard
+    nothing, so only one is listed (_zero_stages)."""
     world = cluster.world_size
+    bf16 = training_dtype(cluster, train) == "bf16"
     layouts = []
     for tp in _degrees(world, planner.tp):
         if tp > cluster.gpus_per_node or any(
@@ -147,30 +156,37 @@ def enumerate_layouts(
                     )
                 else:
                     sizes = [m for m in divisors(per_rank) if m <= planner.max_micro_batch_size]
-                zero_stages = sorted(set(planner.zero_stages))
-                if dp * sp == 1:
-                    zero_stages = zero_stages[:1]
                 backends = _backends(planner.zero_backend, tp, pp, sp)
                 for mb in sizes:
                     g = per_rank // mb
                     for schedule, v in _schedules(pp, g, model.num_layers, planner):
-                        for zero in zero_stages:
-                            layouts.extend(
-                                Layout(
-                                    dp=dp,
-                                    tp=tp,
-                                    pp=pp,
-                                    sp=sp,
-                                    zero_stage=zero,
-                                    micro_batch_size=mb,
-                                    num_microbatches=g,
-                                    pp_schedule=schedule,
-                                    zero_backend=backend,
-                                    virtual_stages=v,
-                                )
-                                for backend in backends
+                        layouts.extend(
+                            Layout(
+                                dp=dp,
+                                tp=tp,
+                                pp=pp,
+                                sp=sp,
+                                zero_stage=zero,
+                                micro_batch_size=mb,
+                                num_microbatches=g,
+                                pp_schedule=schedule,
+                                zero_backend=backend,
+                                virtual_stages=v,
                             )
+                            for backend in backends
+                            for zero in _zero_stages(planner.zero_stages, backend, bf16, dp * sp)
+                        )
     return layouts
+
+
+def _zero_stages(allowed: tuple[int, ...], backend: str, bf16: bool, shard_ranks: int) -> list[int]:
+    """The ZeRO stages to try (module doc): one for a single rank (nothing to shard), and in
+    bf16 with FSDP2 only the stages whose mixed precision the planner accounts for."""
+    stages = sorted(set(allowed))
+    if bf16 and backend == "fsdp2":
+        stages = [z for z in stages if z >= 2]
+        return stages[-1:] if shard_ranks == 1 else stages
+    return stages[:1] if shard_ranks == 1 else stages
 
 
 def _backends(choice: str, tp: int, pp: int, sp: int) -> list[str]:
@@ -192,6 +208,17 @@ def explain_no_layout(
             "train.micro_batch_size",
             f"{train.micro_batch_size} does not divide global_batch_size="
             f"{train.global_batch_size} / dp for any dp dividing {world} GPUs",
+        )
+    if (
+        training_dtype(cluster, train) == "bf16"
+        and planner.zero_backend != "deepspeed"
+        and max(planner.zero_stages) < 2
+    ):
+        return ConfigError(
+            "planner.zero_stages",
+            f"{list(planner.zero_stages)} in bf16 with FSDP2: ZeRO-0/1 there run fp32 weights "
+            "under autocast, which the planner does not account for; allow 2 or 3, or use "
+            "planner.zero_backend=deepspeed",
         )
     pins = {k: getattr(planner, k) for k in ("dp", "tp", "pp", "sp") if getattr(planner, k)}
     pinned = f" with {', '.join(f'planner.{k}={v}' for k, v in pins.items())}" if pins else ""

@@ -12,9 +12,13 @@
    step time found (no remaining layout can be faster by more than the gap, the same
    guarantee each MILP solve gives), or when planner.time_limit_seconds runs out.
 4. Turn the best solution into per-layer policies, evaluate them exactly (planner/assemble.py
-   with planner/memory.py and planner/timing.py) and return the Plan. Without any feasible
-   layout, raise NoFeasiblePlan naming the binding constraint and the smallest change that
-   makes a plan feasible (planner/explain.py).
+   with planner/memory.py and planner/timing.py) and return the Plan.
+5. If time ran out before any solve found a plan (near the memory limit the fastest
+   layouts' MILPs can stop at their time limits without a solution), look for any feasible
+   plan among the layouts most likely to fit (lowest memory bound first, a loose gap); its
+   status says it is not proven optimal. Without any feasible layout, raise NoFeasiblePlan
+   naming the binding constraint and the smallest change that makes a plan feasible
+   (planner/explain.py).
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ MINIMUM_LAYOUTS = 5
 """Layouts (lowest memory bound first) whose minimal-memory MILP minimum_use solves."""
 FEASIBILITY_TRIES = 5
 """Layouts a feasibility probe solves at most (lowest memory bound first)."""
+FEASIBILITY_GAP = 0.5
+"""Relative MILP gap of a feasibility probe: any plan that fits will do."""
 
 
 @dataclass(frozen=True)
@@ -209,6 +215,13 @@ def make_plan(cfg: Config, explain: bool = True) -> Plan:
 
     planner = cfg.planner
     outcome = search(cfg, planner.time_limit_seconds, planner.mip_gap)
+    if outcome.best is None and not (outcome.complete and outcome.proven):
+        probe = search(cfg, planner.time_limit_seconds, FEASIBILITY_GAP, first_feasible=True)
+        if probe.best is not None:  # a plan, not proven the fastest (step 5)
+            probe.solved += outcome.solved
+            probe.seconds += outcome.seconds
+            probe.proven = False
+            outcome = probe
     if outcome.best is None or outcome.result is None:
         if not explain:
             raise NoFeasiblePlan("no plan fits the GPU and host memory budgets")

@@ -7,7 +7,7 @@ import pytest
 
 from configs.errors import ConfigError
 from launch.compose import compose_config
-from planner.layouts import check_layout, enumerate_layouts, layout_problems
+from planner.layouts import check_layout, enumerate_layouts, explain_no_layout, layout_problems
 from planner.plan import Layout
 
 
@@ -68,9 +68,10 @@ def test_rules_of_the_search_space():
         if lay.pp_schedule == "zbv_zero_bubble":
             assert lay.virtual_stages == 2
         assert lay.pp * lay.virtual_stages <= m.num_layers
-    # with one rank sharing the states, ZeRO stages are the same thing: only the lowest
-    assert {lay.zero_stage for lay in layouts if lay.dp * lay.sp == 1} == {0}
-    assert {lay.zero_stage for lay in layouts if lay.dp * lay.sp > 1} == {0, 1, 2, 3}
+    # bf16 with FSDP2: the stages whose mixed precision the planner accounts for; with one
+    # rank sharing the states, only one of them (test_bf16_fsdp2_layouts_use_...)
+    assert {lay.zero_stage for lay in layouts if lay.dp * lay.sp == 1} == {3}
+    assert {lay.zero_stage for lay in layouts if lay.dp * lay.sp > 1} == {2, 3}
 
 
 def test_deepspeed_only_without_tp_pp_sp():
@@ -131,3 +132,28 @@ def test_sequence_parallel_rules():
     assert any("seq_len" in p for p in layout_problems(base, cfg.model, cfg.cluster, odd))
     m = dataclasses.replace(cfg.model, num_heads=24, num_kv_heads=6, hidden_size=3072)
     assert any("neither divides" in p for p in layout_problems(base, m, cfg.cluster, cfg.train))
+
+
+def test_bf16_fsdp2_layouts_use_the_zero_stages_the_planner_accounts_for():
+    cfg = _cfg("model=llama3_2_1b", "cluster=h100_8x", "train.seq_len=4096",
+               "train.global_batch_size=32")  # fmt: skip
+    fsdp = _all(cfg)
+    assert fsdp and {layout.zero_backend for layout in fsdp} == {"fsdp2"}
+    assert {layout.zero_stage for layout in fsdp} == {2, 3}
+    deepspeed = _all(cfg, zero_backend="deepspeed")
+    assert {layout.zero_stage for layout in deepspeed} == {0, 1, 2, 3}
+    # one GPU: FSDP2 on a one-rank mesh (bf16 compute from fp32 shards), ZeRO-3
+    one = _all(_cfg("model=llama3_2_1b", "cluster=h100_1x", "train.seq_len=4096"))
+    assert {(layout.world_size, layout.zero_stage) for layout in one} == {(1, 3)}
+    # fp32 (the CPU) keeps stages 0/1, and one rank lists only the lowest
+    cpu = _all(_cfg("model=tiny", "cluster.gpus_per_node=4"))
+    assert {layout.zero_stage for layout in cpu if layout.dp * layout.sp > 1} == {0, 1, 2, 3}
+    assert {layout.zero_stage for layout in cpu if layout.dp * layout.sp == 1} == {0}
+
+
+def test_bf16_fsdp2_without_zero_2_or_3_is_refused_with_the_reason():
+    cfg = _cfg("model=llama3_2_1b", "cluster=h100_8x", "train.seq_len=4096",
+               "train.global_batch_size=32", "planner.zero_stages=[0,1]")  # fmt: skip
+    assert _all(cfg) == []
+    error = explain_no_layout(cfg.model, cfg.cluster, cfg.train, cfg.planner)
+    assert error.key == "planner.zero_stages" and "autocast" in str(error)
