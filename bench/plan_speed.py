@@ -37,11 +37,11 @@ BASE = [
     "train.global_batch_size=256",
 ]
 FIXED = {
-    "pp1": dict(dp=8, tp=8, pp=1, sp=1, zero_stage=1, micro_batch_size=2, num_microbatches=16,
+    "pp1": dict(dp=8, tp=8, pp=1, sp=1, zero_stage=3, micro_batch_size=2, num_microbatches=16,
                 pp_schedule="none"),
-    "pp8 1f1b": dict(dp=1, tp=8, pp=8, sp=1, zero_stage=0, micro_batch_size=2,
+    "pp8 1f1b": dict(dp=1, tp=8, pp=8, sp=1, zero_stage=3, micro_batch_size=2,
                      num_microbatches=128, pp_schedule="1f1b"),
-    "pp8 interleaved v2": dict(dp=1, tp=8, pp=8, sp=1, zero_stage=0, micro_batch_size=2,
+    "pp8 interleaved v2": dict(dp=1, tp=8, pp=8, sp=1, zero_stage=3, micro_batch_size=2,
                                num_microbatches=128, pp_schedule="interleaved_1f1b",
                                virtual_stages=2),
 }  # fmt: skip
