@@ -24,6 +24,14 @@ tokens live. recompute=full runs the layer as one segment and keeps only the lay
 
 Backward: the first unpack of a layer fetches its own host data (if not already in flight)
 and starts the prefetch of the layer processed next in backward (MEMO: one layer ahead).
+
+Why not torch.utils.checkpoint and selective-checkpoint policies for the recompute modes:
+they re-run a whole region for all of its tokens, while token-wise recomputation regenerates
+only a token slice and keeps or offloads the rest of the same tensors; and a full
+checkpoint's saved input could not go to a host slab (beta) through the same records. One
+mechanism for every mode also keeps the byte accounting (what is kept, offloaded, recomputed)
+in one place, which is what `memplan profile` measures against the plan. Exactness against
+the plain layer is tested for random mixes of every mode (tests/unit/test_offload_engine.py).
 """
 
 from __future__ import annotations
