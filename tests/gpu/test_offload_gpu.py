@@ -141,37 +141,57 @@ def _median_step_seconds(model, cfg, batch, seq, steps=6):
     return statistics.median(times[1:])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("seq", [8192, 32768])
-def test_hidden_offload_costs_at_most_5_percent(seq):
-    """llama3_2_1b layers at 8K/32K tokens: offloading a quarter of the token-local tokens
-    (whose PCIe time fits behind the layer's compute on an H100) barely changes the step."""
-    cfg = dataclasses.replace(compose_config(["model=llama3_2_1b"]).model, num_layers=4)
-    model = _model(cfg, torch.bfloat16)
-    plain = _median_step_seconds(model, cfg, 1, seq)
-    policies = [LayerPlan(i, 0, 0.25, "none", 0.0, 0.0) for i in range(4)]
-    runtime = apply_activation_plan(model.layers.values(), policies)
-    offloaded = _median_step_seconds(model, cfg, 1, seq)
-    assert runtime.layer_stats()[0].host_bytes > 0
-    assert offloaded <= 1.05 * plain, (offloaded, plain)
+# llama3_2_1b, one sequence per step, on one GPU: three plans per length (planning needs no
+# GPU: these were checked on the CPU). The default budget keeps everything; 30 GiB makes the
+# planner offload and recompute (transfers predicted fully hidden); 30 GiB without offload
+# makes it recompute only.
+PLANS = {
+    "keep": [],
+    "offload": ["cluster.gpu_memory_gib=30"],
+    "recompute": ["cluster.gpu_memory_gib=30", "planner.offload=off"],
+}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("seq", [8192, 32768])
-@pytest.mark.parametrize("planner_overrides", [[], ["planner.offload=off"]])
-def test_profile_peak_within_5_percent_of_the_plan(seq, planner_overrides):
-    """llama3_2_1b on one H100: the planner's plan, run for real by `memplan profile`'s
-    engine; the peak allocated memory is the plan's gpu_peak_bytes within 5%."""
+def _planned(seq: int, extra: list[str]):
     make_plan = pytest.importorskip("planner.search").make_plan
-    overrides = [
-        "model=llama3_2_1b",
-        "cluster=h100_1x",
-        f"train.seq_len={seq}",
-        "train.global_batch_size=8",
-        *planner_overrides,
+    cfg = compose_config(
+        ["model=llama3_2_1b", "cluster=h100_1x", f"train.seq_len={seq}",
+         "train.global_batch_size=1", *extra]
+    )  # fmt: skip
+    return cfg, make_plan(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seq", [8192, 32768])
+def test_offload_the_planner_calls_hidden_costs_at_most_5_percent(seq):
+    """The plan made for a 30 GiB budget offloads with no exposed transfer predicted: on
+    the GPU its step takes at most 1.05x the same plan's step without the offload (same
+    recomputation, offloaded tokens kept on the device instead)."""
+    cfg, plan = _planned(seq, PLANS["offload"])
+    assert plan.time.exposed_transfer_seconds == 0.0
+    assert any(layer.offload_fraction or layer.anchor_offload_fraction for layer in plan.layers)
+    kept = [
+        dataclasses.replace(layer, offload_fraction=0.0, anchor_offload_fraction=0.0)
+        for layer in plan.layers
     ]
-    cfg = compose_config(overrides)
-    plan = make_plan(cfg)
+    model = _model(cfg.model, torch.bfloat16)
+    runtime = apply_activation_plan(model.layers.values(), kept)
+    without = _median_step_seconds(model, cfg.model, 1, seq)
+    runtime.remove()
+    runtime = apply_activation_plan(model.layers.values(), plan.layers)
+    offloaded = _median_step_seconds(model, cfg.model, 1, seq)
+    assert sum(stats.host_bytes for stats in runtime.layer_stats().values()) > 0
+    print(f"seq {seq}: {offloaded:.4f} s with offload, {without:.4f} s without")
+    assert offloaded <= 1.05 * without, (offloaded, without)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seq", [8192, 32768])
+@pytest.mark.parametrize("name", list(PLANS))
+def test_profile_peak_within_5_percent_of_the_plan(seq, name):
+    """llama3_2_1b on one GPU: each plan run for real by `memplan profile`'s engine; the
+    peak allocated memory is the plan's gpu_peak_bytes within 5%."""
+    cfg, plan = _planned(seq, PLANS[name])
     device = torch.device("cuda", torch.cuda.current_device())
     setup = profile_setup(cfg, plan, device, "full")
     report = run_profile(setup, plan, device, steps=3)
@@ -181,4 +201,5 @@ def test_profile_peak_within_5_percent_of_the_plan(seq, planner_overrides):
         )
     assert report.host_slab_allocations_after_first_step == 0
     ratio = report.peak_measured_bytes / plan.memory.gpu_peak_bytes
+    print(f"{name} seq {seq}: measured/predicted peak {ratio:.4f}")
     assert 0.95 <= ratio <= 1.05, (ratio, report.to_dict()["peak"])
