@@ -45,7 +45,9 @@ class Case:
     layout: dict[str, object]
     overrides: tuple[str, ...] = ()
     policy: str = "none"
-    """"none", "offload" (token-wise offload + recompute) or "recompute" (full/selective)."""
+    """"none", "offload" (token-wise offload + recompute), "recompute" (full/selective), or
+    "planner": the layout and per-layer policies are the planner's own plan for the config
+    (the overrides pin degrees and squeeze memory so that it mixes offload and recompute)."""
     micro_batch_size: int | None = None
     cli: bool = True
     """Also run through `memplan train` (the issue's table and the one-rank runs); the
@@ -59,6 +61,8 @@ class Case:
 
     def plan(self) -> Plan:
         cfg = self.config()
+        if self.policy == "planner":
+            return _planned(cfg)
         plan = manual_plan(cfg, micro_batch_size=self.micro_batch_size, **self.layout)
         if self.policy == "none":
             return plan
@@ -78,6 +82,13 @@ def _compose(overrides: tuple[str, ...]) -> Config:
     return compose_config(list(overrides))
 
 
+@functools.cache
+def _planned(cfg: Config) -> Plan:
+    from planner.search import make_plan
+
+    return make_plan(cfg)
+
+
 def _policy(layer: LayerPlan, kind: str) -> LayerPlan:
     if kind == "offload":  # MEMO-style: anchors swapped, token-local split three ways
         return LayerPlan(layer.index, layer.stage, 0.5, "none", 0.25, anchor_offload_fraction=1.0)
@@ -92,6 +103,7 @@ def _pp(schedule: str, virtual: int = 1, **extra: object) -> dict[str, object]:
 
 
 TIED = ("model.tie_embeddings=true",)
+PLANNED = ("planner.offload=on",)
 
 CASES = [
     *(
@@ -125,6 +137,17 @@ CASES = [
     # kv heads per tp rank (1) < sp (2): Ulysses replicates kv heads; FSDP x TP is 2-D
     Case("tp2_sp2_zero3", 4, {"tp": 2, "sp": 2, "zero_stage": 3}, micro_batch_size=4, cli=False),
     Case("sp4", 4, {"sp": 4}, micro_batch_size=8, cli=False),
+    # the planner's own per-layer mixes (offload, token-wise and selective recompute) under
+    # the layouts it picks when memory is tight (10-12 MB devices, offload on, degrees pinned)
+    Case("planned_dp2", 2, {}, (*PLANNED, "cluster.gpu_memory_gib=0.011", "planner.dp=2"),
+         policy="planner", cli=False),
+    Case("planned_sp2", 2, {}, (*PLANNED, "cluster.gpu_memory_gib=0.0105", "planner.sp=2"),
+         policy="planner", cli=False),
+    Case("planned_pp2", 2, {}, (*PLANNED, "cluster.gpu_memory_gib=0.012", "planner.pp=2"),
+         policy="planner", cli=False),
+    Case("planned_dp2_pp2", 4, {},
+         (*PLANNED, "cluster.gpu_memory_gib=0.012", "planner.dp=2", "planner.pp=2"),
+         policy="planner", cli=False),
     # one rank under torchrun: FSDP2 and DeepSpeed (what a single-GPU benchmark runs)
     Case("dp1_zero3_fsdp2", 1, {"zero_stage": 3}, micro_batch_size=4),
     Case("dp1_zero2_deepspeed", 1, {"zero_stage": 2, "zero_backend": "deepspeed"},

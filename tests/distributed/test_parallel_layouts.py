@@ -65,9 +65,9 @@ def problems(case: Case, result: dict | None, log: str) -> list[str]:
         found.append(f"final parameters differ by up to {result['max_param_diff']:.3g}")
     if result["ref_max_update"] < MIN_UPDATE:
         found.append(f"parameters barely moved ({result['ref_max_update']:.3g}): test too weak")
-    layout = case.plan().layout
-    replicas = layout.dp * layout.sp * layout.tp
-    engines = case.plan().model.num_layers * replicas if case.policy != "none" else 0
+    plan = case.plan()
+    replicas = plan.layout.dp * plan.layout.sp * plan.layout.tp
+    engines = sum(not layer.keeps_everything for layer in plan.layers) * replicas
     if result["activation_engines"] != engines:
         found.append(f"{result['activation_engines']} layers run the offload engine, not {engines}")
     if result["missing_keys"] or result["unknown_keys"]:
@@ -77,11 +77,23 @@ def problems(case: Case, result: dict | None, log: str) -> list[str]:
     return found
 
 
-MULTI_RANK = [c for c in CASES if c.world > 1]
+MULTI_RANK = [c for c in CASES if c.world > 1 and c.policy != "planner"]
 
 
 @pytest.mark.parametrize("case", MULTI_RANK, ids=[c.name for c in MULTI_RANK])
 def test_layout_matches_one_process(case: Case, results) -> None:
+    found, logs = results
+    assert not problems(case, found.get(case.name), logs[case.world])
+
+
+PLANNED = [c for c in CASES if c.policy == "planner"]
+
+
+@pytest.mark.parametrize("case", PLANNED, ids=[c.name for c in PLANNED])
+def test_planner_chosen_policies_match_one_process(case: Case, results) -> None:
+    layers = case.plan().layers
+    assert any(layer.offload_fraction or layer.anchor_offload_fraction for layer in layers)
+    assert any(layer.recompute != "none" or layer.recompute_fraction for layer in layers)
     found, logs = results
     assert not problems(case, found.get(case.name), logs[case.world])
 
