@@ -34,11 +34,13 @@ def main(argv: list[str]) -> int:
         cfg = load_resolved(str(run_dir / "resolved.yaml"))
         plan = Plan.read(run_dir / "plan.json")
         train(cfg, plan, run_dir)
-    except ConfigError as exc:
+    except ConfigError as exc:  # the same input on every rank: every rank stops here
         logger.error("memplan worker: error: %s", exc)
-        return 2
-    finally:
         shutdown_distributed()
+        return 2
+    # Only after success: a rank that failed must not wait in a collective teardown for
+    # peers that may still be inside a collective (torchrun stops them when this one exits).
+    shutdown_distributed()
     return 0
 
 
