@@ -122,20 +122,14 @@ def apply_activation_plan(
     *,
     sequence_parallel: int = 1,
 ) -> ActivationRuntime:
-    """Apply plan.layers to the decoder layers present (a pipeline stage holds some of them),
-    matched by layer_index; returns the runtime that measures them.
+    """Apply plan.layers to EVERY decoder layer present (a pipeline stage holds some of
+    them), matched by layer_index, keep-all layers included so that each is measured;
+    returns the runtime that measures them (`memplan profile`, tests, benchmarks).
 
     Usage: `apply_activation_plan(model.layers.values(), plan.layers, sequence_parallel=sp)`.
     """
-    by_index = {policy.index: policy for policy in policies}
     runtime = ActivationRuntime(pool)
-    for layer in layers:
-        index = int(layer.layer_index)
-        if index not in by_index:
-            raise ValueError(f"the plan has no policy for layer {index}")
-        apply_activation_policy(
-            layer, by_index[index], runtime=runtime, sequence_parallel=sequence_parallel
-        )
+    _apply(layers, policies, runtime, sequence_parallel, skip_keep_all=False)
     return runtime
 
 
@@ -144,19 +138,30 @@ def apply_layer_policies(
     policies: Sequence[LayerPlan],
     runtime: ActivationRuntime,
     sequence_parallel: int = 1,
-) -> int:
-    """What the training runtimes do with plan.layers: each layer (matched by layer_index)
-    whose policy offloads or recomputes anything runs through the engine; a layer that keeps
-    everything keeps its plain forward (no hooks, no overhead). Returns the layers engaged."""
+) -> None:
+    """What the training runtimes do with plan.layers: each layer whose policy offloads or
+    recomputes anything runs through the engine; a layer that keeps everything keeps its
+    plain forward (no hooks, no overhead)."""
+    _apply(layers, policies, runtime, sequence_parallel, skip_keep_all=True)
+
+
+def _apply(
+    layers: Iterable[nn.Module],
+    policies: Sequence[LayerPlan],
+    runtime: ActivationRuntime,
+    sequence_parallel: int,
+    skip_keep_all: bool,
+) -> None:
     by_index = {policy.index: policy for policy in policies}
-    engaged = 0
     for layer in layers:
-        policy = by_index[int(layer.layer_index)]
-        if policy.keeps_everything:
+        index = int(layer.layer_index)
+        if index not in by_index:
+            raise ValueError(f"the plan has no policy for layer {index}")
+        if skip_keep_all and by_index[index].keeps_everything:
             continue
-        apply_activation_policy(layer, policy, runtime=runtime, sequence_parallel=sequence_parallel)
-        engaged += 1
-    return engaged
+        apply_activation_policy(
+            layer, by_index[index], runtime=runtime, sequence_parallel=sequence_parallel
+        )
 
 
 def reserve_plan_host_memory(

@@ -12,7 +12,9 @@ an all-reduce of gradients for stages 0 and 1 (stage 1 also shards the optimizer
 | 3     | sharded, re-gathered for backward (reshard_after_forward=True)                |
 
 FSDP2 uses bf16 parameters with fp32 gradient reduction on GPU, fp32 throughout on CPU.
-Stages 0/1 keep fp32 parameters and run under bf16 autocast on GPU.
+Stages 0/1 keep fp32 parameters and run under bf16 autocast on GPU; the planner does not
+account for that precision, so it proposes them only in fp32 (planner/layouts.py), and a
+hand-made bf16 plan with them uses more memory than its prediction.
 """
 
 from __future__ import annotations
