@@ -37,9 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from configs.schema import CheckpointConfig, ModelConfig, TrainConfig  # noqa: E402
-from framework.checkpoint import Checkpointer  # noqa: E402
-from framework.checkpoint.staging import state_bytes  # noqa: E402
-from framework.model import build_model, count_parameters, materialize  # noqa: E402
+from framework.components.checkpoint import Checkpointer  # noqa: E402
+from framework.components.checkpoint.staging import state_bytes  # noqa: E402
+from framework.components.model import build_model, count_parameters, materialize  # noqa: E402
 from framework.runtime import LocalRuntime  # noqa: E402
 
 

@@ -12,7 +12,7 @@ Policies (POLICIES):
     plan         memplan: make_plan(cfg) for a cluster that describes this device, applied with
                  offload.apply_activation_plan (host slabs reserved from the plan up front)
 
-The model is built as `memplan profile` builds it (framework/profile.py): bf16 weights with
+The model is built as `memplan profile` builds it (framework/measure/profile.py): bf16 weights with
 fp32 master weights and Adam moments on CUDA (16 bytes per parameter, the plan's accounting),
 fp32 with torch AdamW on the CPU.
 
@@ -52,8 +52,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from configs.schema import Config  # noqa: E402
-from framework.loss import chunked_cross_entropy  # noqa: E402
-from framework.profile import (  # noqa: E402
+from framework.components.loss import chunked_cross_entropy  # noqa: E402
+from framework.measure.profile import (  # noqa: E402
     MixedPrecisionAdamW,
     ProfileSetup,
     build_stage_model,
@@ -189,7 +189,7 @@ def bench_config(
     overrides: Sequence[str] = (),
 ) -> Config:
     """The config a user would compose for one sequence of seq_len tokens on this device;
-    scale=small replaces the model by framework.profile.scale_down of it (the CPU sizes)."""
+    scale=small replaces the model by framework.measure.profile.scale_down of it (the CPU sizes)."""
     from launch.compose import compose_config
 
     args = [
@@ -214,7 +214,7 @@ def with_seq_len(cfg: Config, seq_len: int) -> Config:
 
 
 def resolve_scale(scale: str, device: torch.device) -> str:
-    """auto: the real dims on CUDA, framework.profile.scale_down on the CPU."""
+    """auto: the real dims on CUDA, framework.measure.profile.scale_down on the CPU."""
     if scale == "auto":
         return "full" if device.type == "cuda" else "small"
     return scale
@@ -256,8 +256,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         "--scale",
         default="auto",
         choices=["auto", "full", "small"],
-        help="auto: the model's real dims on CUDA, scaled down (framework.profile.scale_down) "
-        "on the CPU",
+        help="auto: the model's real dims on CUDA, scaled down "
+        "(framework.measure.profile.scale_down) on the CPU",
     )
     parser.add_argument(
         "--budget-bytes",

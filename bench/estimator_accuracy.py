@@ -2,8 +2,8 @@
 
 For each configuration (model, layers, sequence length, plan) it makes the plan (the
 planner's own, or a forced per-layer policy evaluated by the planner: none, full, selective,
-offload, mix), runs it as `memplan profile` does (framework/profile.py: the whole model, bf16
-weights + fp32 master and Adam moments on CUDA, fp32 on the CPU) and compares:
+offload, mix), runs it as `memplan profile` does (framework/measure/profile.py: the whole
+model, bf16 weights + fp32 master and Adam moments on CUDA, fp32 on the CPU) and compares:
   - the step peak: the plan's gpu_peak_bytes (planner.memory.predict_stage_memory) against
     torch.cuda.max_memory_allocated (steps after the first); on the CPU against LiveBytes
     (bench/common.py: states + every storage created during the steps, the CPU's stand-in for
@@ -54,8 +54,8 @@ from bench.common import (
     write_json,
 )
 from configs.schema import Config
-from framework.loss import chunked_cross_entropy
-from framework.profile import (
+from framework.components.loss import chunked_cross_entropy
+from framework.measure.profile import (
     ProfileReport,
     build_stage_model,
     median_step_seconds,
@@ -63,7 +63,7 @@ from framework.profile import (
     relative_error,
     run_profile,
 )
-from framework.saved_bytes import OUTSIDE, SavedTensorLedger
+from framework.measure.saved_bytes import OUTSIDE, SavedTensorLedger
 from offload.engine import _is_parameter_cast
 from planner.activations import LayerShape, layer_activation_bytes, outside_layers_bytes
 from planner.assemble import build_plan

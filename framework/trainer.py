@@ -16,14 +16,14 @@ import torch
 
 from configs.schema import Config
 from configs.structured import to_plain
-from framework.checkpoint import Checkpointer
-from framework.data import TokenLoader, open_tokens
-from framework.device import resolve_device, resolve_dtype
-from framework.distributed import DistContext, init_distributed
-from framework.logs import log_rank0
-from framework.metrics import GIB, MetricsTracker
-from framework.runtime import TrainRuntime, build_local_runtime
-from framework.tracking import WandbTracker
+from framework.components.checkpoint import Checkpointer
+from framework.components.data import TokenLoader, open_tokens
+from framework.components.device import resolve_device, resolve_dtype
+from framework.components.distributed import init_distributed
+from framework.components.logs import log_rank0
+from framework.components.metrics import GIB, MetricsTracker
+from framework.components.tracking import WandbTracker
+from framework.runtime import TrainRuntime, build_runtime
 from planner.plan import Plan
 
 logger = logging.getLogger(__name__)
@@ -38,29 +38,13 @@ class TrainResult:
     """Steps already done by the checkpoint this run resumed from (0: a fresh start)."""
 
 
-def build_runtime(
-    cfg: Config, plan: Plan, device: torch.device, dtype: torch.dtype, dist_ctx: DistContext
-) -> TrainRuntime:
-    """The runtime for the plan's layout: parallel/ for several ranks, and for one rank under
-    torchrun when the plan asks for FSDP2 (zero_stage >= 2: bf16 parameters on GPU) or
-    DeepSpeed; otherwise one plain process."""
-    layout = plan.layout
-    sharded = layout.zero_backend == "deepspeed" or layout.zero_stage >= 2
-    in_group = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if layout.world_size == 1 and not (sharded and in_group):
-        return build_local_runtime(cfg.model, cfg.train, plan, device, dtype)
-    from parallel.runtime import build_parallel_runtime
-
-    return build_parallel_runtime(cfg.model, cfg.train, plan, device, dtype, dist_ctx)
-
-
 def train(cfg: Config, plan: Plan, run_dir: Path) -> TrainResult:
     """Run cfg.train.steps optimizer steps of the planned layout; returns the logged losses."""
     device = resolve_device(cfg.cluster)
     dtype = resolve_dtype(cfg.train, device)
     dist_ctx = init_distributed(device)
     torch.manual_seed(cfg.train.seed)
-    runtime = build_runtime(cfg, plan, device, dtype, dist_ctx)
+    runtime = build_runtime(cfg.model, cfg.train, plan, device, dtype, dist_ctx)
     loader = TokenLoader(
         open_tokens(cfg.data),
         cfg.train.seq_len,
@@ -98,11 +82,9 @@ def train(cfg: Config, plan: Plan, run_dir: Path) -> TrainResult:
     )
     checkpointer = build_checkpointer(cfg, plan, run_dir, runtime, device)
     result = TrainResult()
-    # A snapshot overlaps the next forward/backward when the runtime calls our hook right
-    # before its optimizer step; otherwise the loop waits for it before the step starts.
-    hooks = getattr(runtime, "pre_update_hooks", None)
-    if hooks is not None:
-        hooks.append(checkpointer.before_update)
+    # A snapshot overlaps the next forward/backward: the runtime calls this hook right
+    # before its optimizer step writes the state the snapshot is still reading.
+    runtime.pre_update_hooks.append(checkpointer.before_update)
     try:
         result.start_step = resume(cfg, checkpointer, loader)
         last_step = cfg.train.steps
@@ -110,8 +92,6 @@ def train(cfg: Config, plan: Plan, run_dir: Path) -> TrainResult:
             last_step = min(last_step, result.start_step + cfg.checkpoint.exit_after)
         for step in range(result.start_step + 1, last_step + 1):
             inputs, targets = loader.next_batch()
-            if hooks is None:
-                checkpointer.before_update()
             output = runtime.train_step(inputs, targets)
             metrics.step_done()
             if (
@@ -127,8 +107,7 @@ def train(cfg: Config, plan: Plan, run_dir: Path) -> TrainResult:
                 checkpointer.save(step, {"loader": loader.state_dict()})
         checkpointer.finish()  # the last checkpoint is committed before train() returns
     finally:
-        if hooks is not None:
-            hooks.remove(checkpointer.before_update)
+        runtime.pre_update_hooks.remove(checkpointer.before_update)
         checkpointer.close()
         tracker.finish()
         runtime.close()

@@ -4,7 +4,7 @@ recomputed; the step peak against the plan; the step time. profile.out=PATH writ
 
 The plan is plan.path=PATH or a fresh one from the planner; a plan that does not fit the
 model, batch or cluster is bad input (exit 2). What runs here (one pipeline stage, per-rank
-widths, scaled down on the CPU) is described in framework/profile.py and printed above the
+widths, scaled down on the CPU) is described in framework/measure/profile.py and printed above the
 table.
 """
 
@@ -49,7 +49,7 @@ def format_bytes(nbytes: float) -> str:
 
 def format_error(measured: int, predicted: int) -> str:
     """Signed relative difference, '-' when both are zero."""
-    from framework.profile import relative_error
+    from framework.measure.profile import relative_error
 
     error = relative_error(measured, predicted)
     if error is None:
@@ -107,7 +107,7 @@ def layer_table(report) -> Table:
 
 def summary_lines(report) -> list[str]:
     """Peak, step time and host-slab lines under the table."""
-    from framework.profile import median_step_seconds
+    from framework.measure.profile import median_step_seconds
 
     lines = []
     if report.device.startswith("cuda"):
@@ -164,7 +164,7 @@ def run(args: list[str]) -> int:
     """Compose, take the plan, run it here, print (and write) predicted vs measured."""
     import torch
 
-    from framework.profile import profile_setup, run_profile
+    from framework.measure.profile import profile_setup, run_profile
 
     cfg = compose_config(args)
     plan = plan_for_profile(cfg)

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from configs.errors import ConfigError
-from framework.distributed import shutdown_distributed
-from framework.logs import rank, setup_logging
+from framework.components.distributed import shutdown_distributed
+from framework.components.logs import rank, setup_logging
 from framework.trainer import train
 from launch.compose import load_resolved
 from planner.plan import Plan

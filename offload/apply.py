@@ -89,7 +89,7 @@ def apply_activation_policy(
     position: int | None = None,
     sequence_parallel: int = 1,
 ) -> LayerActivationEngine:
-    """Make `layer` (a framework.model.DecoderLayer) keep/offload/recompute per `policy`.
+    """Make `layer` (a framework.components.model.DecoderLayer) keep/offload/recompute per `policy`.
 
     pool: host slabs (shared by the layers of a runtime; None: the runtime's, created on
     first use). runtime: shared state of the model's layers (None: a private one).

@@ -67,7 +67,7 @@ from planner.activations import token_split
 from planner.plan import LayerPlan
 
 if TYPE_CHECKING:
-    from framework.model import DecoderLayer, Rope
+    from framework.components.model import DecoderLayer, Rope
     from offload.apply import ActivationRuntime
 
 KEEP, OFFLOAD, RECOMPUTE, FULL = "keep", "offload", "recompute", "full"

@@ -1,19 +1,13 @@
-"""Execute a plan's layout over many ranks: DeviceMesh, ZeRO (FSDP2 / DeepSpeed), pipeline
-schedules, Ulysses sequence parallelism and DTensor tensor parallelism.
+"""Lay a model out over many ranks: DeviceMesh and dims (parallel.dims), ZeRO via FSDP2
+(parallel.zero), pipeline schedules (parallel.pipeline), Ulysses sequence parallelism
+(parallel.ulysses) and DTensor tensor parallelism (parallel.tensor_parallel).
 
-    build_parallel_runtime(model_cfg, train_cfg, plan, device, dtype, dist_ctx) -> TrainRuntime
-
-parallelize(model, mesh, plan, ...) applies one stage's transformations in STYLE.md's order.
+parallelize(model, mesh, plan, ...) applies one stage's transformations in a fixed order:
+tensor/sequence parallel -> activation policy (offload/) -> ZeRO. The runtimes that drive a
+step over these pieces live in framework/runtime/.
 """
 
 from parallel.dims import ParallelDims, stage_layers
 from parallel.parallelize import parallelize
-from parallel.runtime import ParallelRuntime, build_parallel_runtime
 
-__all__ = [
-    "ParallelDims",
-    "ParallelRuntime",
-    "build_parallel_runtime",
-    "parallelize",
-    "stage_layers",
-]
+__all__ = ["ParallelDims", "parallelize", "stage_layers"]

@@ -4,9 +4,9 @@
     recompute, per layer) -> [compile: not planned] -> ZeRO-2/3 (FSDP2 over dp x sp)
 
 Runs on the meta device, before `to_empty()` + `init_weights()`. Pipeline splitting wraps it
-from outside (parallel.runtime builds one StageModel per local stage and parallelises each).
+from outside (framework.runtime.fsdp builds one StageModel per local stage and parallelises each).
 ZeRO-0/1 and the DeepSpeed backend do not transform the module: they act on gradients and
-the optimizer (parallel.zero, parallel.deepspeed_runtime).
+the optimizer (parallel.zero, framework.runtime.deepspeed_backend).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import logging
 
 import torch
 
-from framework.logs import log_rank0
+from framework.components.logs import log_rank0
 from offload import ActivationRuntime, apply_layer_policies
 from parallel.dims import ParallelMesh
 from parallel.stage_model import StageModel

@@ -10,7 +10,7 @@ stage 0, the final norm and output projection unless it is the last stage. With 
 embeddings and several stages, the last stage holds its own copy of the embedding matrix as
 `output` (Megatron's shared embedding): it starts from the embedding's initial value, its
 gradient is summed with the first stage's (parallel.pipeline.EmbeddingGroup), so the two
-stay equal; checkpoints name it tok_embeddings.weight (parallel.state).
+stay equal; checkpoints name it tok_embeddings.weight (framework.runtime.state).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from configs.schema import ModelConfig
-from framework.loss import chunked_cross_entropy
-from framework.model import Transformer, _copy_into, initial_value
+from framework.components.loss import chunked_cross_entropy
+from framework.components.model import Transformer, copy_into_local, initial_value
 
 TIED_COPY_FQN = "output.weight"
 EMBEDDING_FQN = "tok_embeddings.weight"
@@ -74,4 +74,4 @@ class StageModel(Transformer):
         if self.holds_tied_copy:
             assert self.output is not None
             shape = (self.cfg.vocab_size, self.cfg.hidden_size)
-            _copy_into(self.output.weight, initial_value(EMBEDDING_FQN, shape, self.cfg, seed))
+            copy_into_local(self.output.weight, initial_value(EMBEDDING_FQN, shape, self.cfg, seed))

@@ -4,7 +4,7 @@ Column-wise wq/wk/wv/w1/w3 (each rank computes heads/tp heads and ffn/tp of the 
 row-wise wo/w2 (partial sums all-reduced into the replicated residual stream). Embeddings,
 norms and the output projection stay replicated over tp; their gradients are identical on
 every tp rank because the residual stream is. Attention reshapes with -1 heads
-(framework.model.Attention.project_qkv), so it runs on the local heads unchanged.
+(framework.components.model.Attention.project_qkv), so it runs on the local heads unchanged.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from framework.model import Transformer
+from framework.components.model import Transformer
 
 LAYER_PLAN = {
     "attention.wq": ColwiseParallel,

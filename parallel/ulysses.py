@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from framework.model import AttentionFn, Transformer, causal_attention
+from framework.components.model import AttentionFn, Transformer, causal_attention
 
 # (tensor, scatter_dim, gather_dim) -> tensor: the exchange, injectable for unit tests.
 Exchange = Callable[[Tensor, int, int], Tensor]

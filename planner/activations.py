@@ -1,7 +1,7 @@
-"""Saved-activation bytes of THIS project's layers (framework/model.py), per policy.
+"""Saved-activation bytes of THIS project's layers (framework/components/model.py), per policy.
 
-Derived tensor by tensor from what each op saves for backward (framework/ops.py documents the
-custom ones); tests measure the real model with saved_tensors_hooks and compare.
+Derived tensor by tensor from what each op saves for backward (framework/components/ops.py
+documents the custom ones); tests measure the real model with saved_tensors_hooks and compare.
 
 Per decoder layer, for T local tokens (micro_batch x seq_len / sp), dtype size `a`, with
 H = hidden, F = ffn / tp, hq = heads / tp, hkv = kv heads / tp, d = head_dim:

@@ -1,4 +1,4 @@
-"""Parameter counts (analytic, exactly the parameters framework/model.py creates) and
+"""Parameter counts (analytic, exactly the parameters framework/components/model.py creates) and
 model-state bytes per GPU under ZeRO.
 
 Layer parameters (H hidden, F ffn, q = heads * head_dim, kv = kv_heads * head_dim):

@@ -56,7 +56,7 @@ def manual_plan(
             )
             for i in range(m.num_layers)
         ]
-    from framework.model import build_model, count_parameters
+    from framework.components.model import build_model, count_parameters
 
     return Plan(
         model=ModelSummary(

@@ -25,11 +25,10 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from configs.schema import Config
-from framework.data import TokenLoader, open_tokens
-from framework.distributed import DistContext
-from framework.model import build_model, materialize
-from framework.runtime import LocalRuntime
-from framework.trainer import build_runtime
+from framework.components.data import TokenLoader, open_tokens
+from framework.components.distributed import DistContext
+from framework.components.model import build_model, materialize
+from framework.runtime import LocalRuntime, build_runtime
 from launch.compose import load_resolved
 from planner.plan import Plan
 
@@ -73,7 +72,7 @@ def run_case(case: Path, ctx: DistContext, references: dict[str, Reference]) -> 
     ref_losses, ref_norms, ref_params, ref_update = reference_for(cfg, references)
 
     start = time.perf_counter()
-    runtime = build_runtime(cfg, plan, torch.device("cpu"), torch.float32, ctx)
+    runtime = build_runtime(cfg.model, cfg.train, plan, torch.device("cpu"), torch.float32, ctx)
     loader = loader_for(cfg, runtime.dp_rank, runtime.dp_size)
     losses, norms = [], []
     for _ in range(cfg.train.steps):

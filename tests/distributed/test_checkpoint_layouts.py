@@ -45,8 +45,8 @@ def prepare_resume(run_dir: Path, source: Path, resume_step: int) -> None:
 def worker(spec_path: str, out_path: str) -> None:
     import torch.distributed as dist
 
-    from framework.distributed import shutdown_distributed
-    from framework.logs import setup_logging
+    from framework.components.distributed import shutdown_distributed
+    from framework.components.logs import setup_logging
     from framework.trainer import train
     from launch.compose import load_resolved
     from planner.plan import Plan
@@ -77,7 +77,7 @@ if __name__ == "__main__":  # torchrun worker
 else:  # pytest
     import pytest
 
-    from framework.checkpoint import storage
+    from framework.components.checkpoint import storage
     from framework.trainer import train
     from launch.compose import compose_config, dump_resolved
     from tests.plans import manual_plan

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import offload.pool
-from framework.loss import chunked_cross_entropy
-from framework.model import build_model, materialize
-from framework.profile import profile_setup, run_profile, scale_down
+from framework.components.loss import chunked_cross_entropy
+from framework.components.model import build_model, materialize
+from framework.measure.profile import profile_setup, run_profile, scale_down
 from launch.compose import compose_config
 from offload import HostBufferPool, apply_activation_plan
 from planner.activations import LayerShape, layer_activation_bytes, outside_layers_bytes

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from framework.checkpoint import storage
+from framework.components.checkpoint import storage
 from framework.trainer import train
 from launch.compose import compose_config, dump_resolved
 from tests.plans import manual_plan

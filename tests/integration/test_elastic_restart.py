@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from framework.checkpoint import storage
+from framework.components.checkpoint import storage
 from launch.compose import compose_config
 from tests.plans import manual_plan
 

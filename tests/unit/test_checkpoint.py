@@ -17,14 +17,14 @@ import pytest
 import torch
 
 from configs.errors import ConfigError
-from framework.checkpoint import storage
-from framework.checkpoint.staging import HostSnapshot
+from framework.components.checkpoint import storage
+from framework.components.checkpoint.staging import HostSnapshot
 from framework.runtime import build_local_runtime
 from framework.trainer import train
 from launch.compose import compose_config
 from tests.plans import manual_plan
 
-CKPT_LOGGER = "framework.checkpoint.checkpointer"
+CKPT_LOGGER = "framework.components.checkpoint.checkpointer"
 
 
 def _cfg(tiny_config, steps: int = 8, **checkpoint):

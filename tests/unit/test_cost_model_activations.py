@@ -9,9 +9,9 @@ import dataclasses
 import pytest
 import torch
 
-from framework.loss import chunked_cross_entropy
-from framework.model import build_model, materialize
-from framework.saved_bytes import OUTSIDE, SavedTensorLedger
+from framework.components.loss import chunked_cross_entropy
+from framework.components.model import build_model, materialize
+from framework.measure.saved_bytes import OUTSIDE, SavedTensorLedger
 from launch.compose import compose_config
 from planner.activations import LayerShape, layer_activation_bytes, outside_layers_bytes
 from planner.plan import LayerPlan

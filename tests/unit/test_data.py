@@ -6,7 +6,7 @@ import torch
 
 from configs.errors import ConfigError
 from configs.schema import DataConfig
-from framework.data import TokenLoader, open_tokens, stdlib_corpus
+from framework.components.data import TokenLoader, open_tokens, stdlib_corpus
 
 
 def test_embedded_corpus_is_stdlib_source_and_deterministic():

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from framework.loss import chunked_cross_entropy
+from framework.components.loss import chunked_cross_entropy
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])

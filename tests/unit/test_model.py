@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from framework.model import build_model, count_parameters, initial_value, materialize
-from framework.ops import apply_rope, rms_norm, swiglu
-from framework.rope import rope_inverse_frequencies
+from framework.components.model import build_model, count_parameters, initial_value, materialize
+from framework.components.ops import apply_rope, rms_norm, swiglu
+from framework.components.rope import rope_inverse_frequencies
 from launch.compose import compose_config
 
 REAL_PARAMETER_COUNTS = {

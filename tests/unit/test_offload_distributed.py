@@ -28,8 +28,8 @@ def _worker(mode: str, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from framework.loss import chunked_cross_entropy
-    from framework.model import build_model, materialize
+    from framework.components.loss import chunked_cross_entropy
+    from framework.components.model import build_model, materialize
     from launch.compose import compose_config
     from offload import apply_activation_plan
     from parallel.tensor_parallel import apply_tensor_parallel

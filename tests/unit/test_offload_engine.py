@@ -8,8 +8,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from framework.loss import chunked_cross_entropy
-from framework.model import build_model, causal_attention, materialize
+from framework.components.loss import chunked_cross_entropy
+from framework.components.model import build_model, causal_attention, materialize
 from launch.compose import compose_config
 from offload import (
     apply_activation_plan,
@@ -104,7 +104,7 @@ def _forward_only(cfg, policy, batch=2, core_fn=None):
     engine = apply_activation_policy(layer, policy)
     inputs, _ = _batch(cfg, batch)
     x = model.tok_embeddings(inputs)
-    from framework.rope import rope_tables
+    from framework.components.rope import rope_tables
 
     rope = rope_tables(model.rope_inv_freq, 0, inputs.shape[1], x.dtype)
     return layer, x, engine, layer(x, rope), rope

@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from framework.loss import chunked_cross_entropy
-from framework.model import build_model, materialize
-from framework.profile import per_rank_model, scale_down
+from framework.components.loss import chunked_cross_entropy
+from framework.components.model import build_model, materialize
+from framework.measure.profile import per_rank_model, scale_down
 from launch.compose import compose_config
 from offload import apply_activation_plan
 from planner.activations import LayerShape, layer_activation_bytes

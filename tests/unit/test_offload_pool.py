@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import offload.pool
-from framework.loss import chunked_cross_entropy
-from framework.model import build_model, materialize
+from framework.components.loss import chunked_cross_entropy
+from framework.components.model import build_model, materialize
 from launch.compose import compose_config
 from offload import HostBufferPool, apply_activation_plan, reserve_host_memory
 from offload.pool import ALIGN_BYTES, SlabLease

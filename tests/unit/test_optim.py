@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from configs.schema import TrainConfig
-from framework.model import build_model, materialize
-from framework.optim import build_optimizer, lr_multiplier
+from framework.components.model import build_model, materialize
+from framework.components.optim import build_optimizer, lr_multiplier
 from launch.compose import compose_config
 
 

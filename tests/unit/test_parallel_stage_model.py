@@ -8,10 +8,10 @@ import dataclasses
 import pytest
 import torch
 
-from framework.loss import chunked_cross_entropy
-from framework.model import build_model, materialize
+from framework.components.loss import chunked_cross_entropy
+from framework.components.model import build_model, materialize
+from framework.runtime.state import _rename
 from parallel.stage_model import EMBEDDING_FQN, TIED_COPY_FQN, StageModel
-from parallel.state import _rename
 
 SEED = 3
 

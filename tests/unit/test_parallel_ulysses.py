@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from framework.model import causal_attention
+from framework.components.model import causal_attention
 from parallel.ulysses import UlyssesAttention, sequence_chunk
 
 

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from framework.model import build_model, count_parameters
+from framework.components.model import build_model, count_parameters
 from launch.compose import compose_config
 from planner.memory import zero_table_bytes
 from planner.params import model_state_bytes, param_counts, total_params

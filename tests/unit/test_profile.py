@@ -1,4 +1,4 @@
-"""framework/profile.py: what runs for a plan (stage, per-rank widths, scaling) and that the
+"""framework/measure/profile.py: what runs for a plan (stage, per-rank widths, scaling) and that the
 measured bytes of a real run equal the prediction for exactly what ran."""
 
 import dataclasses
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from configs.errors import ConfigError
-from framework.profile import (
+from framework.measure.profile import (
     STATE_BYTES_PER_PARAM,
     most_loaded_stage,
     per_rank_model,
@@ -137,7 +137,7 @@ def test_measured_bytes_equal_the_prediction_for_what_ran(pp, stage):
 
 
 def _built_params(setup):
-    from framework.profile import build_stage_model
+    from framework.measure.profile import build_stage_model
 
     return list(build_stage_model(setup, CPU, 0).parameters())
 
@@ -149,7 +149,7 @@ def test_relative_error_handles_zero_predictions():
 
 
 def test_mixed_precision_adamw_equals_torch_adamw_in_chunks(monkeypatch):
-    from framework.profile import MixedPrecisionAdamW
+    from framework.measure.profile import MixedPrecisionAdamW
 
     monkeypatch.setattr(MixedPrecisionAdamW, "CHUNK", 999)  # several chunks per tensor
     generator = torch.Generator().manual_seed(0)

@@ -29,8 +29,8 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem
 
-from framework.checkpoint.staging import StateDict
-from framework.checkpoint.storage import (
+from framework.components.checkpoint.staging import StateDict
+from framework.components.checkpoint.storage import (
     FileRecord,
     checksum_file,
     commit,

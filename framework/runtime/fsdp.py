@@ -1,10 +1,11 @@
 """ParallelRuntime: one optimizer step of a plan's layout over dp x tp x pp x sp ranks.
 
-    build_parallel_runtime(model_cfg, train_cfg, plan, device, dtype, dist_ctx)
+    ParallelRuntime(model_cfg, train_cfg, plan, dims, mesh, device, dtype)
 
-builds the mesh (parallel.dims), one StageModel per local pipeline stage (the whole model
-when pp = 1), parallelises each (parallel.parallelize), materialises it with the
-single-process initial weights, and one AdamW + LR schedule per stage model. A step:
+(made by framework/runtime/build.py) builds the mesh (parallel.dims), one StageModel per
+local pipeline stage (the whole model when pp = 1), parallelises each (parallel.parallelize),
+materialises it with the single-process initial weights, and one AdamW + LR schedule per
+stage model. A step (framework/runtime/step.py):
 
     slice this sp rank's sequence chunk -> micro-batches (plain loop, or the pipeline
     schedule) -> tied-embedding gradient sum -> ZeRO-0/1 gradient all-reduce -> global
@@ -12,7 +13,8 @@ single-process initial weights, and one AdamW + LR schedule per stage model. A s
 
 The reported loss is the mean over the global batch: every (pp, dp, sp) rank contributes its
 rows' mean / (dp x sp) from the last stage (tp ranks repeat it), summed onto rank 0.
-`zero_backend: deepspeed` layouts go to parallel.deepspeed_runtime.
+The torch-native backend (zero_backend fsdp2); deepspeed layouts run in
+framework/runtime/deepspeed_backend.py.
 """
 
 from __future__ import annotations
@@ -25,46 +27,23 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.checkpoint.stateful import Stateful
 
-from configs.errors import ConfigError
 from configs.schema import ModelConfig, TrainConfig
-from framework.distributed import DistContext
-from framework.optim import build_lr_scheduler, build_optimizer
-from framework.runtime import StepOutput, TrainRuntime, autocast_context
+from framework.components.optim import build_lr_scheduler, build_optimizer
+from framework.runtime.base import StepOutput, autocast_context
+from framework.runtime.state import ModelState, OptimizerState, SchedulerState
+from framework.runtime.step import accumulate_microbatches, run_train_step
 from offload import ActivationRuntime, reserve_plan_host_memory
 from parallel.dims import ParallelDims, ParallelMesh, stage_layers
 from parallel.grad_norm import clip_grads_, global_grad_norm
 from parallel.parallelize import parallelize
 from parallel.pipeline import EmbeddingGroup, Pipeline
 from parallel.stage_model import StageModel
-from parallel.state import SchedulersState, StageModelState, StageOptimizerState
 from parallel.ulysses import sequence_chunk
 from parallel.zero import GradientAllReduce, OwnerBroadcast, partition_parameters
 from planner.plan import Plan
 from planner.schedules import chunk_inflight, rank_stages
 
 logger = logging.getLogger(__name__)
-
-
-def build_parallel_runtime(
-    model_cfg: ModelConfig,
-    train_cfg: TrainConfig,
-    plan: Plan,
-    device: torch.device,
-    dtype: torch.dtype,
-    dist_ctx: DistContext,
-) -> TrainRuntime:
-    """The runtime executing plan.layout on the dist_ctx.world_size ranks of this job."""
-    if not dist.is_initialized():
-        raise ConfigError(
-            "layout", f"dp*tp*pp*sp={plan.layout.world_size} ranks need torchrun (memplan train)"
-        )
-    dims = ParallelDims.from_plan(plan, model_cfg, train_cfg.seq_len, dist_ctx.world_size)
-    if plan.layout.zero_backend == "deepspeed":
-        from parallel.deepspeed_runtime import DeepSpeedRuntime
-
-        return DeepSpeedRuntime(model_cfg, train_cfg, plan, device, dtype)
-    mesh = dims.build_mesh(device.type)
-    return ParallelRuntime(model_cfg, train_cfg, plan, dims, mesh, device, dtype)
 
 
 class ParallelRuntime:
@@ -176,21 +155,39 @@ class ParallelRuntime:
                 f"train_step got {rows} rows; the layout needs micro_batch_size*"
                 f"num_microbatches={self.micro_batch_size}*{self.num_microbatches}"
             )
+        return run_train_step(self, self.pre_update_hooks, inputs, targets)
+
+    # -- the phases of run_train_step ----------------------------------------------------
+
+    def forward_backward(self, inputs: Tensor, targets: Tensor) -> Tensor | None:
+        """This sp rank's sequence chunk; the pipeline schedule, or accumulation over the
+        micro-batches of the single (whole) model."""
         inputs = sequence_chunk(inputs, self.sp_rank, self.dims.sp).to(self.device)
         targets = sequence_chunk(targets, self.sp_rank, self.dims.sp).to(self.device)
         with autocast_context(self.device, self.autocast_dtype):
             if self.pipeline is not None:
-                loss = self.pipeline.step(inputs, targets)
-            else:
-                loss = self._accumulate(inputs, targets)
+                return self.pipeline.step(inputs, targets)
+            (model,) = self.modules
+            return accumulate_microbatches(
+                lambda x, y: model.loss(model(x), y),
+                inputs,
+                targets,
+                self.micro_batch_size,
+                self.device,
+            )
+
+    def finish_gradients(self) -> Tensor:
+        """Tied-embedding gradient sum, ZeRO-0/1 all-reduce, global norm, clipping."""
         if self.embedding_group is not None:
             self.embedding_group()
         for reduce in self.reduce_grads:
             reduce()
         grad_norm = global_grad_norm(self.norm_params, self.pp_group, self.device)
         clip_grads_([p for m in self.modules for p in m.parameters()], self.grad_clip, grad_norm)
-        for hook in self.pre_update_hooks:  # e.g. a checkpoint snapshot still reading
-            hook()
+        return grad_norm
+
+    def update(self) -> None:
+        """Every local stage's optimizer and schedule, then ZeRO-1's owner broadcasts."""
         for optimizer, scheduler in zip(self.optimizers, self.schedulers, strict=True):
             optimizer.step()
             scheduler.step()
@@ -198,32 +195,22 @@ class ParallelRuntime:
             update()
         for model in self.modules:
             model.zero_grad(set_to_none=True)
-        return StepOutput(self._global_mean(loss), grad_norm)
 
-    def _accumulate(self, inputs: Tensor, targets: Tensor) -> Tensor:
-        """Gradient accumulation over micro-batches of the single (whole) model."""
-        (model,) = self.modules
-        total = torch.zeros((), device=self.device)
-        for index in range(self.num_microbatches):
-            rows = slice(index * self.micro_batch_size, (index + 1) * self.micro_batch_size)
-            loss = model.loss(model(inputs[rows]), targets[rows])
-            (loss / self.num_microbatches).backward()
-            total += loss.detach()
-        return total / self.num_microbatches
-
-    def _global_mean(self, loss: Tensor | None) -> Tensor:
+    def global_loss(self, local_loss: Tensor | None) -> Tensor:
         """Sum of every last-stage rank's mean / (dp*sp) over (pp, dp, sp): rank 0 has it."""
         share = torch.zeros((), device=self.device, dtype=torch.float32)
-        if loss is not None:
-            share += loss.float() / self.dims.dp_sp
+        if local_loss is not None:
+            share += local_loss.float() / self.dims.dp_sp
         dist.all_reduce(share, group=self.loss_group)
         return share
 
+    # --------------------------------------------------------------------------------------
+
     def stateful_parts(self) -> dict[str, Stateful]:
         return {
-            "model": StageModelState(self.modules),
-            "optimizer": StageOptimizerState(self.modules, self.optimizers),
-            "lr_scheduler": SchedulersState(self.schedulers),
+            "model": ModelState(self.modules),
+            "optimizer": OptimizerState(self.modules, self.optimizers),
+            "lr_scheduler": SchedulerState(self.schedulers),
         }
 
     def parameters(self) -> list[nn.Parameter]:

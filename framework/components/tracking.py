@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from configs.schema import LoggingConfig
-from framework.metrics import StepMetrics
+from framework.components.metrics import StepMetrics
 
 logger = logging.getLogger(__name__)
 

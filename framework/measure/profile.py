@@ -32,9 +32,9 @@ from torch import Tensor, nn
 
 from configs.errors import ConfigError
 from configs.schema import Config, ModelConfig
-from framework.loss import chunked_cross_entropy
-from framework.model import Transformer, build_model, count_parameters, materialize
-from framework.saved_bytes import OUTSIDE, SavedTensorLedger
+from framework.components.loss import chunked_cross_entropy
+from framework.components.model import Transformer, build_model, count_parameters, materialize
+from framework.measure.saved_bytes import OUTSIDE, SavedTensorLedger
 from offload import ActivationRuntime, LayerActivationStats, apply_activation_plan
 from planner.activations import (
     LayerActivationBytes,

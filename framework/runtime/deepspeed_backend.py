@@ -7,7 +7,7 @@ refused by ParallelDims.check_plan: DeepSpeed releases the parameters the recomp
 needs in backward.
 
 deepspeed.initialize with zero_optimization.stage = layout.zero_stage (0-3), the trainer's
-AdamW (framework.optim: torch's implementation, so no DeepSpeed op is compiled) and LR
+AdamW (framework.components.optim: torch's implementation, so no DeepSpeed op is compiled) and LR
 schedule, gradient_accumulation_steps = num_microbatches (engine.backward divides each
 micro-batch loss by it, so gradients are those of the rows' mean), gradient_clipping =
 train.grad_clip (DeepSpeed's coefficient max_norm / (norm + 1e-6) is torch's), bf16 on GPU.
@@ -36,11 +36,12 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.stateful import Stateful
 
 from configs.schema import ModelConfig, TrainConfig
-from framework.optim import build_lr_scheduler, build_optimizer
-from framework.runtime import StepOutput
+from framework.components.optim import build_lr_scheduler, build_optimizer
+from framework.runtime.base import StepOutput
+from framework.runtime.state import SchedulerState
+from framework.runtime.step import accumulate_microbatches, run_train_step
 from offload import ActivationRuntime, apply_layer_policies, reserve_plan_host_memory
 from parallel.stage_model import StageModel
-from parallel.state import SchedulersState
 from planner.plan import Plan
 
 
@@ -131,31 +132,47 @@ class DeepSpeedRuntime:
         self.names = {id(p): name for name, p in model.named_parameters()}
 
     def train_step(self, inputs: Tensor, targets: Tensor) -> StepOutput:
-        total = torch.zeros((), device=self.device)
-        grad_norm = None
-        for index in range(self.num_microbatches):
-            rows = slice(index * self.micro_batch_size, (index + 1) * self.micro_batch_size)
-            loss = self.engine(inputs[rows].to(self.device), targets[rows].to(self.device))
-            self.engine.backward(loss)  # divides by gradient_accumulation_steps
-            total += loss.detach().float()
-            if index == self.num_microbatches - 1:
-                if self.clip_here:  # gradients are all-reduced by the boundary backward
-                    max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-                    grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-                for hook in self.pre_update_hooks:
-                    hook()
-            self.engine.step()  # the optimizer and schedule step at the last micro-batch
-        if grad_norm is None:
-            grad_norm = torch.as_tensor(float(self.engine.get_global_grad_norm()))
-        share = total / self.num_microbatches / self.dp_size
+        return run_train_step(self, self.pre_update_hooks, inputs, targets)
+
+    # -- the phases of run_train_step ----------------------------------------------------
+
+    def _backward(self, loss: Tensor, is_last: bool) -> None:
+        self.engine.backward(loss)  # divides by gradient_accumulation_steps
+        if not is_last:
+            self.engine.step()  # before the boundary: DeepSpeed only counts micro-steps
+
+    def forward_backward(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        return accumulate_microbatches(
+            self.engine, inputs, targets, self.micro_batch_size, self.device, self._backward
+        )
+
+    def finish_gradients(self) -> Tensor | None:
+        """ZeRO-0 fp32 clips here (the boundary backward all-reduced the gradients); every
+        other stage clips inside the engine's step, which reports the norm afterwards."""
+        if not self.clip_here:
+            return None
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        return nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def update(self) -> Tensor | None:
+        self.engine.step()  # the boundary: the optimizer and schedule step
+        if self.clip_here:
+            return None
+        return torch.as_tensor(float(self.engine.get_global_grad_norm()))
+
+    def global_loss(self, local_loss: Tensor | None) -> Tensor:
+        assert local_loss is not None  # data parallel only: every rank holds the loss
+        share = local_loss / self.dp_size
         dist.all_reduce(share)
-        return StepOutput(share, grad_norm)
+        return share
+
+    # --------------------------------------------------------------------------------------
 
     def stateful_parts(self) -> dict[str, Stateful]:
         return {
             "model": DeepSpeedModelState(self),
             "optimizer": DeepSpeedOptimizerState(self),
-            "lr_scheduler": SchedulersState([self.scheduler]),
+            "lr_scheduler": SchedulerState([self.scheduler]),
         }
 
     def close(self) -> None:

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from configs.schema import ModelConfig
-from framework.ops import apply_rope, rms_norm, swiglu
-from framework.rope import rope_inverse_frequencies, rope_tables
+from framework.components.ops import apply_rope, rms_norm, swiglu
+from framework.components.rope import rope_inverse_frequencies, rope_tables
 
 Rope = tuple[Tensor, Tensor]
 AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -144,7 +144,8 @@ class DecoderLayer(nn.Module):
 
 class Transformer(nn.Module):
     """Embedding -> decoder layers -> final norm. `forward` returns hidden states; the loss
-    (chunked cross-entropy against the output projection) is computed by `framework.loss`.
+    (chunked cross-entropy against the output projection) is computed by
+    `framework.components.loss`.
 
     Pipeline stages delete the modules they do not own (tok_embeddings/norm/output set to
     None, layers removed from the ModuleDict); forward then passes hidden states through.
@@ -190,10 +191,10 @@ class Transformer(nn.Module):
         self.rope_inv_freq.copy_(rope_inverse_frequencies(self.cfg))
         for name, param in self.named_parameters():
             full = initial_value(name, tuple(param.shape), self.cfg, seed)
-            _copy_into(param, full)
+            copy_into_local(param, full)
 
 
-def _copy_into(param: Tensor, full: Tensor) -> None:
+def copy_into_local(param: Tensor, full: Tensor) -> None:
     """Copy a full CPU tensor into a (possibly DTensor-sharded) parameter."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 

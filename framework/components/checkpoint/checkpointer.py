@@ -24,7 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.stateful import Stateful
 
 from configs.schema import CheckpointConfig
-from framework.checkpoint.persist import (
+from framework.components.checkpoint.persist import (
     BackgroundPersister,
     Collectives,
     PersistJob,
@@ -32,14 +32,14 @@ from framework.checkpoint.persist import (
     describe,
     persist,
 )
-from framework.checkpoint.rng import (
+from framework.components.checkpoint.rng import (
     capture_rng_state,
     restore_rng_state,
     rng_state_bytes,
     rng_state_from_bytes,
 )
-from framework.checkpoint.staging import HostSnapshot, state_bytes
-from framework.checkpoint.storage import (
+from framework.components.checkpoint.staging import HostSnapshot, state_bytes
+from framework.components.checkpoint.storage import (
     CorruptCheckpoint,
     list_committed,
     quarantine,

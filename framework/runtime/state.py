@@ -1,4 +1,5 @@
-"""Checkpointable state of the parallel runtime, keyed by fully qualified parameter name.
+"""Checkpointable state of every torch runtime (one process or a parallel layout), keyed by
+fully qualified parameter name.
 
 torch.distributed.checkpoint saves each key once and loads any key into any layout, so:
 - model: get_model_state_dict of every local stage (FSDP/TP shards are DTensors; DCP
@@ -15,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -24,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from parallel.stage_model import EMBEDDING_FQN, TIED_COPY_FQN, StageModel
+from parallel.stage_model import EMBEDDING_FQN, TIED_COPY_FQN
 
 _PREFIXES = ("state.", "param_groups.")
 
@@ -32,6 +34,11 @@ _PREFIXES = ("state.", "param_groups.")
 def _options() -> StateDictOptions:
     # strict=False: a stage holds only some keys of the full state dict
     return StateDictOptions(strict=False, flatten_optimizer_state_dict=True)
+
+
+def _holds_tied_copy(module: nn.Module) -> bool:
+    """A last pipeline stage's copy of the tied embedding (parallel.stage_model.StageModel)."""
+    return bool(getattr(module, "holds_tied_copy", False))
 
 
 def _rename(state: dict[str, Any], old: str, new: str) -> dict[str, Any]:
@@ -47,17 +54,17 @@ def _rename(state: dict[str, Any], old: str, new: str) -> dict[str, Any]:
     return renamed
 
 
-class StageModelState(Stateful):
-    """Parameters of this rank's stage models by FQN."""
+class ModelState(Stateful):
+    """Parameters of this rank's models (the whole Transformer, or its pipeline stages) by FQN."""
 
-    def __init__(self, modules: list[StageModel]) -> None:
+    def __init__(self, modules: list[nn.Module]) -> None:
         self.modules = modules
 
     def state_dict(self) -> dict[str, Any]:
         merged: dict[str, Any] = {}
         for module in self.modules:
             state = get_model_state_dict(module, options=_options())
-            if module.holds_tied_copy:
+            if _holds_tied_copy(module):
                 state = _rename(state, TIED_COPY_FQN, EMBEDDING_FQN)
             merged.update(state)
         return merged
@@ -65,22 +72,22 @@ class StageModelState(Stateful):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for module in self.modules:
             state = state_dict
-            if module.holds_tied_copy:
+            if _holds_tied_copy(module):
                 state = {**state_dict, TIED_COPY_FQN: state_dict[EMBEDDING_FQN]}
             set_model_state_dict(module, state, options=_options())
 
 
-class StageOptimizerState(Stateful):
-    """Optimizer state of this rank's stage models (one optimizer each) by FQN."""
+class OptimizerState(Stateful):
+    """Optimizer state of this rank's models (one optimizer each) by FQN."""
 
-    def __init__(self, modules: list[StageModel], optimizers: list[torch.optim.Optimizer]) -> None:
+    def __init__(self, modules: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> None:
         self.modules, self.optimizers = modules, optimizers
 
     def state_dict(self) -> dict[str, Any]:
         merged: dict[str, Any] = {}
         for module, optimizer in zip(self.modules, self.optimizers, strict=True):
             state = get_optimizer_state_dict(module, optimizer, options=_options())
-            if module.holds_tied_copy:
+            if _holds_tied_copy(module):
                 state = _rename(state, TIED_COPY_FQN, EMBEDDING_FQN)
             merged.update(state)
         return merged
@@ -88,13 +95,13 @@ class StageOptimizerState(Stateful):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for module, optimizer in zip(self.modules, self.optimizers, strict=True):
             state = state_dict
-            if module.holds_tied_copy:
+            if _holds_tied_copy(module):
                 copy = _rename(state_dict, EMBEDDING_FQN, TIED_COPY_FQN)
                 state = {k: v for k, v in copy.items() if TIED_COPY_FQN in k} | state_dict
             set_optimizer_state_dict(module, optimizer, state, options=_options())
 
 
-class SchedulersState(Stateful):
+class SchedulerState(Stateful):
     """The LR schedule position, the same for every local optimizer."""
 
     def __init__(self, schedulers: list[torch.optim.lr_scheduler.LRScheduler]) -> None:

@@ -6,6 +6,6 @@
 - checkpointer: what the trainer calls (save, before_update, resume, finish, close)
 """
 
-from framework.checkpoint.checkpointer import Checkpointer, CheckpointStats, Resumed
+from framework.components.checkpoint.checkpointer import Checkpointer, CheckpointStats, Resumed
 
 __all__ = ["CheckpointStats", "Checkpointer", "Resumed"]
