@@ -26,7 +26,9 @@ demo: $(STAMP)
 	$(BIN)/memplan plan model=llama2_7b cluster=a800_8x train.seq_len=1048576 train.global_batch_size=1
 	$(BIN)/memplan train
 
+# lint-imports: the one-way layering contracts in setup.cfg; a violation fails the run.
 test: $(STAMP)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -41,6 +41,7 @@ from framework.components.checkpoint import Checkpointer  # noqa: E402
 from framework.components.checkpoint.staging import state_bytes  # noqa: E402
 from framework.components.model import build_model, count_parameters, materialize  # noqa: E402
 from framework.runtime import LocalRuntime  # noqa: E402
+from planner.units import GIB  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -187,7 +188,7 @@ def main() -> int:
 
     base = statistics.median(w.wall for w in of("baseline"))  # robust to load bursts
     step_s = base / args.every
-    gib = state_bytes(bench.state()) / 2**30
+    gib = state_bytes(bench.state()) / GIB
     print(
         f"\nmodel {bench.num_params / 1e6:.0f}M params, state {gib:.2f} GiB (params + AdamW) on"
         f" {device.type} | torch {torch.__version__} | {os.cpu_count()} CPUs"

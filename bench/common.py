@@ -68,8 +68,8 @@ from offload import (  # noqa: E402
 from planner.costs import training_dtype  # noqa: E402
 from planner.flops import training_flops_per_token  # noqa: E402
 from planner.plan import Plan  # noqa: E402
+from planner.units import GIB  # noqa: E402
 
-GIB = 2**30
 POLICIES = ("none", "full", "save_on_cpu", "plan")
 POLICY_NOTES = {
     "none": "no recomputation: every saved activation stays on the device",
@@ -303,15 +303,6 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
     rule = "-+-".join("-" * w for w in widths)
     return "\n".join([line(headers), rule, *(line(r) for r in cells)])
-
-
-def gib(nbytes: float | None) -> str:
-    """Bytes as GiB (MiB below 1 GiB), '-' for None."""
-    if nbytes is None:
-        return "-"
-    if abs(nbytes) >= GIB:
-        return f"{nbytes / GIB:.2f} GiB"
-    return f"{nbytes / 2**20:.2f} MiB"
 
 
 def seq_label(tokens: int) -> str:

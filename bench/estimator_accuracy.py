@@ -45,7 +45,6 @@ from bench.common import (
     environment,
     environment_line,
     format_table,
-    gib,
     is_out_of_memory,
     percent,
     release_memory,
@@ -68,6 +67,7 @@ from offload.engine import _is_parameter_cast
 from planner.activations import LayerShape, layer_activation_bytes, outside_layers_bytes
 from planner.assemble import build_plan
 from planner.plan import LayerPlan, Layout, Plan, SolverInfo
+from planner.units import format_bytes
 
 FORCED = {
     # offload_fraction, recompute, recompute_fraction, anchor_offload_fraction
@@ -251,7 +251,12 @@ def case_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         if "failure" in row:
             body.append(
-                [row["case"], row["policy"], gib(row["predicted_peak_bytes"]), row["failure"]]
+                [
+                    row["case"],
+                    row["policy"],
+                    format_bytes(row["predicted_peak_bytes"]),
+                    row["failure"],
+                ]
                 + [""] * 7
             )
             continue
@@ -260,11 +265,11 @@ def case_table(rows: list[dict[str, Any]]) -> str:
             [
                 row["case"],
                 row["policy"],
-                gib(row["predicted_peak_bytes"]),
-                gib(row["measured_peak_bytes"]),
+                format_bytes(row["predicted_peak_bytes"]),
+                format_bytes(row["measured_peak_bytes"]),
                 percent(row["peak_error"]),
-                gib(row["saved_predicted_bytes"]),
-                gib(row["saved_measured_bytes"]),
+                format_bytes(row["saved_predicted_bytes"]),
+                format_bytes(row["saved_measured_bytes"]),
                 percent(relative_error(row["saved_measured_bytes"], row["saved_predicted_bytes"])),
                 "-" if worst["device_bytes"] is None else f"{100 * worst['device_bytes']:.2f}%",
                 "-" if worst["host_bytes"] is None else f"{100 * worst['host_bytes']:.2f}%",
@@ -379,15 +384,17 @@ def precision_table(rows: list[dict[str, Any]]) -> str:
     body = []
     for row in rows:
         layer = max(row["layer_measured_bytes"])
-        kinds = ", ".join(f"{k} {gib(v)}" for k, v in sorted(row["saved_bytes_by_kind"].items()))
+        kinds = ", ".join(
+            f"{k} {format_bytes(v)}" for k, v in sorted(row["saved_bytes_by_kind"].items())
+        )
         body.append(
             [
                 f"{row['setup']} ({row['runs_in']})",
-                gib(layer),
-                gib(row["layer_predicted_bytes"]),
+                format_bytes(layer),
+                format_bytes(row["layer_predicted_bytes"]),
                 f"{layer / row['layer_predicted_bytes']:.3f}",
-                gib(row["outside_measured_bytes"]),
-                gib(row["outside_predicted_bytes"]),
+                format_bytes(row["outside_measured_bytes"]),
+                format_bytes(row["outside_predicted_bytes"]),
                 "/".join(sorted(set(row["layer_input_dtypes"]))),
                 kinds,
             ]

@@ -42,7 +42,6 @@ from bench.common import (
     environment,
     environment_line,
     format_table,
-    gib,
     release_memory,
     resolve_device,
     seq_label,
@@ -51,6 +50,7 @@ from bench.common import (
 )
 from configs.schema import Config
 from planner.errors import NoFeasiblePlan
+from planner.units import format_bytes
 
 
 @dataclass
@@ -106,7 +106,7 @@ def try_length(
         predicted,
     )
     if point.trainable and info.emulated and (point.peak_bytes or 0) > info.memory_bytes:
-        point.trainable, point.why = False, f"peak {gib(point.peak_bytes)} > budget"
+        point.trainable, point.why = False, f"peak {format_bytes(point.peak_bytes)} > budget"
     release_memory(info.device)
     return point
 
@@ -199,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
                 policy,
                 seq_label(best["seq_len"]),
                 ratio,
-                gib(best["peak_bytes"]),
-                gib(best["predicted_peak_bytes"]),
-                gib(best["host_bytes"]) if best["host_bytes"] else "-",
+                format_bytes(best["peak_bytes"]),
+                format_bytes(best["predicted_peak_bytes"]),
+                format_bytes(best["host_bytes"]) if best["host_bytes"] else "-",
                 f"{best['step_seconds']:.3f}" if best["step_seconds"] else "-",
                 len(found["tried"]),
                 best["plan_layout"],

@@ -36,7 +36,6 @@ from bench.common import (
     environment,
     environment_line,
     format_table,
-    gib,
     mfu,
     release_memory,
     resolve_device,
@@ -46,6 +45,7 @@ from bench.common import (
 )
 from configs.schema import Config
 from planner.errors import NoFeasiblePlan
+from planner.units import format_bytes
 
 
 def lengths_from_longest(path: str) -> dict[str, int]:
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['tokens_per_second']:,.0f}",
                 f"{100 * row['mfu']:.1f}%",
                 f"{row['step_seconds']:.3f}",
-                gib(row["peak_bytes"]) if cuda else "-",
+                format_bytes(row["peak_bytes"]) if cuda else "-",
             ]
         )
     print()

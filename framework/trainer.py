@@ -21,10 +21,11 @@ from framework.components.data import TokenLoader, open_tokens
 from framework.components.device import resolve_device, resolve_dtype
 from framework.components.distributed import init_distributed
 from framework.components.logs import log_rank0
-from framework.components.metrics import GIB, MetricsTracker
+from framework.components.metrics import MetricsTracker
 from framework.components.tracking import WandbTracker
 from framework.runtime import TrainRuntime, build_runtime
 from planner.plan import Plan
+from planner.units import GIB
 
 logger = logging.getLogger(__name__)
 

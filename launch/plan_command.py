@@ -25,12 +25,7 @@ from launch.compose import compose_config
 from planner.errors import NoFeasiblePlan
 from planner.flops import matmul_params
 from planner.plan import LayerPlan, Plan, check_plan_matches
-
-GIB = 2**30
-
-
-def gib(nbytes: float) -> str:
-    return f"{nbytes / GIB:.2f} GiB"
+from planner.units import format_gib
 
 
 def _policy_key(layer: LayerPlan) -> tuple:
@@ -93,19 +88,19 @@ def memory_table(plan: Plan) -> Table:
     if m.grads_pending_bytes:  # one micro-batch: the peak comes before all gradients exist
         rows.append(("grads not yet produced at the peak", -m.grads_pending_bytes))
     for name, value in rows:
-        table.add_row(name, gib(value), f"{100 * value / budget:.1f}%")
-    table.add_row("[bold]peak[/bold]", f"[bold]{gib(m.gpu_peak_bytes)}[/bold]",
+        table.add_row(name, format_gib(value), f"{100 * value / budget:.1f}%")
+    table.add_row("[bold]peak[/bold]", f"[bold]{format_gib(m.gpu_peak_bytes)}[/bold]",
                   f"{100 * m.gpu_peak_bytes / budget:.1f}%")  # fmt: skip
     table.add_row(
         "budget",
-        gib(budget),
-        f"= {gib(m.gpu_total_bytes)} - {gib(m.reserved_bytes)} reserve",
+        format_gib(budget),
+        f"= {format_gib(m.gpu_total_bytes)} - {format_gib(m.reserved_bytes)} reserve",
     )
     host_budget = m.host_budget_bytes_per_node or 1
     table.add_row(
         "host RAM per node",
-        gib(m.host_bytes_per_node),
-        f"{100 * m.host_bytes_per_node / host_budget:.1f}% of {gib(host_budget)}",
+        format_gib(m.host_bytes_per_node),
+        f"{100 * m.host_bytes_per_node / host_budget:.1f}% of {format_gib(host_budget)}",
     )
     return table
 
@@ -121,11 +116,11 @@ def ranks_table(plan: Plan) -> Table:
             str(r.pp_rank),
             ",".join(map(str, r.stages)),
             str(r.num_layers),
-            gib(states),
-            gib(r.activations_bytes),
-            gib(r.other_bytes),
-            gib(r.peak_bytes),
-            gib(r.host_bytes),
+            format_gib(states),
+            format_gib(r.activations_bytes),
+            format_gib(r.other_bytes),
+            format_gib(r.peak_bytes),
+            format_gib(r.host_bytes),
         )
     return table
 
@@ -264,8 +259,8 @@ def run_multirun(overrides: Sequence[str], console: Console) -> int:
             *cells,
             f"dp{lay.dp} tp{lay.tp} pp{lay.pp} sp{lay.sp} z{lay.zero_stage} "
             f"{lay.micro_batch_size}x{lay.num_microbatches} {lay.pp_schedule}",
-            gib(plan.memory.gpu_peak_bytes),
-            gib(plan.memory.host_bytes_per_node),
+            format_gib(plan.memory.gpu_peak_bytes),
+            format_gib(plan.memory.host_bytes_per_node),
             policy_totals(plan),
             f"{plan.time.step_seconds:.4g}",
             f"{plan.time.tokens_per_second:,.0f}",

@@ -22,6 +22,7 @@ from configs.errors import ConfigError
 from configs.schema import Config
 from launch.compose import compose_config
 from planner.plan import Plan
+from planner.units import format_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +38,6 @@ def plan_for_profile(cfg: Config) -> Plan:
             "plan.path", "no planner search in this memplan: pass plan.path=PLAN.json"
         ) from exc
     return make_plan(cfg)
-
-
-def format_bytes(nbytes: float) -> str:
-    """1536 -> '1.50 KiB' (binary units)."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(nbytes) >= size:
-            return f"{nbytes / size:.2f} {unit}"
-    return f"{int(nbytes)} B"
 
 
 def format_error(measured: int, predicted: int) -> str:

@@ -8,7 +8,7 @@ import dataclasses
 import math
 
 from configs.schema import Config
-from planner.costs import GIB, costs_for
+from planner.costs import costs_for
 from planner.memory import predict_host_bytes_per_node, predict_stage_memory
 from planner.milp import StageChoice
 from planner.params import total_params
@@ -24,6 +24,7 @@ from planner.plan import (
     TrainSummary,
 )
 from planner.timing import predict_step_time
+from planner.units import GIB
 
 MODE_ORDER = ("full", "selective", "none")
 """Order of a stage's layers by recompute mode in the emitted plan."""

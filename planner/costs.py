@@ -55,8 +55,8 @@ from configs.schema import ClusterConfig, Config, ModelConfig, PlannerConfig, Tr
 from planner.activations import FP32_BYTES, LayerShape, outside_layers_bytes
 from planner.params import StateBytesPerParam, param_counts
 from planner.plan import Layout
+from planner.units import GIB
 
-GIB = 2**30
 MODES = ("none", "selective", "full")
 ADAM_BYTES_PER_PARAM = 28
 """Optimizer step traffic per parameter of the optimizer shard: fp32 master (or fp32 params),

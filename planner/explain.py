@@ -14,8 +14,8 @@ import math
 import time
 
 from configs.schema import Config
-from planner.costs import GIB
 from planner.search import SearchOutcome, layout_candidates, minimum_use, search
+from planner.units import GIB
 
 PROBE_SECONDS = 2.0
 """Time limit of one feasibility probe."""

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from planner.plan import Plan
+from planner.units import GIB
 
-GIB = 2**30
 PARTS = (
     ("params", "#4c72b0"),
     ("grads", "#55a868"),

@@ -14,8 +14,7 @@ import torch
 
 from configs.schema import ModelConfig
 from planner.flops import training_flops_per_token
-
-GIB = 2**30
+from planner.units import GIB
 
 
 @dataclass(frozen=True)

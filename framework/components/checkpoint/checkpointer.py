@@ -47,6 +47,7 @@ from framework.components.checkpoint.storage import (
     remove_stale_tmp_dirs,
     verify_files,
 )
+from planner.units import GIB
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ class Checkpointer:
         if outcome.path is not None:
             self.last_committed = outcome.step
             if self.rank == 0:
-                gib = outcome.details.get("num_bytes", 0) / 2**30
+                gib = outcome.details.get("num_bytes", 0) / GIB
                 logger.info(
                     "checkpoint step %d committed in %.2f s (%.2f GiB on rank 0): %s",
                     outcome.step,
