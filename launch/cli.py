@@ -1,7 +1,8 @@
 """`memplan <command> [HYDRA OVERRIDES]`: the one console script.
 
-Exit codes (DESIGN.md): 0 success; 2 bad input, one line naming the key and what is allowed;
-3 no feasible plan, naming the binding constraint and what would make it feasible.
+Exit codes (docs/ARCHITECTURE.md): 0 success; 2 bad input, one line naming the key and what
+is allowed; 3 no feasible plan, naming the binding constraint and what would make it
+feasible.
 Each command lives in its own module so that `memplan plan` never imports torch.
 """
 

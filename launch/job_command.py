@@ -25,8 +25,9 @@ from pathlib import Path
 from configs.errors import ConfigError
 from configs.schema import Config
 from launch.compose import compose_config
+from launch.plan_source import plan_for
 from launch.run_dir import default_run_dir, pin_paths, prepare_run_dir
-from launch.train_command import plan_for, redirect_other_local_ranks, torchrun_prefix
+from launch.train_command import redirect_other_local_ranks, torchrun_prefix
 from planner.plan import Plan
 
 TEMPLATES = {"slurm": "slurm_job.sh", "torchrun": "torchrun_node.sh"}

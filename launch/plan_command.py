@@ -22,9 +22,10 @@ from rich.table import Table
 from configs.errors import ConfigError
 from configs.schema import Config
 from launch.compose import compose_config
+from launch.plan_source import plan_for
 from planner.errors import NoFeasiblePlan
 from planner.flops import matmul_params
-from planner.plan import LayerPlan, Plan, check_plan_matches
+from planner.plan import LayerPlan, Plan
 from planner.units import format_gib
 
 
@@ -203,17 +204,6 @@ def _write_outputs(plan: Plan, cfg: Config, console: Console) -> None:
 
         write_plot(plan, cfg.plan.plot)
         console.print(f"wrote {cfg.plan.plot}")
-
-
-def plan_for(cfg: Config) -> Plan:
-    """plan.path (checked against the config), or a fresh plan."""
-    if cfg.plan.path:
-        plan = Plan.read(cfg.plan.path)
-        check_plan_matches(plan, cfg.model, cfg.cluster, cfg.train)
-        return plan
-    from planner.search import make_plan
-
-    return make_plan(cfg)
 
 
 def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:

@@ -13,23 +13,11 @@ import sys
 from pathlib import Path
 
 from configs.errors import ConfigError
-from configs.schema import ClusterConfig, Config
+from configs.schema import ClusterConfig
 from configs.tokens import check_token_file
 from launch.compose import compose_config
+from launch.plan_source import plan_for
 from launch.run_dir import prepare_run_dir
-from planner.plan import Plan, check_plan_matches
-
-
-def plan_for(cfg: Config) -> Plan:
-    """The plan in plan.path, or a fresh one from the planner; checked against the config."""
-    if cfg.plan.path:
-        plan = Plan.read(cfg.plan.path)
-    else:
-        from planner.search import make_plan
-
-        plan = make_plan(cfg)
-    check_plan_matches(plan, cfg.model, cfg.cluster, cfg.train)
-    return plan
 
 
 def torchrun_prefix() -> list[str]:

@@ -1,7 +1,7 @@
 """Apply per-layer activation policies from a plan to a model's decoder layers.
 
-Order in the parallelisation pipeline (STYLE.md): tensor/sequence parallel -> activation
-policy -> compile -> ZeRO. The engine only sets two plain attributes on each layer
+Order in the parallelisation pipeline (parallel/parallelize.py): tensor/sequence parallel ->
+activation policy -> compile -> ZeRO. The engine only sets two plain attributes on each layer
 (`activation_policy`, `cheap_op_runner`) and installs saved-tensor hooks during its forward:
 no module wrapping, no state_dict key changes, so FSDP2, TP and pipeline stages compose.
 """

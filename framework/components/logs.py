@@ -16,7 +16,7 @@ def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> No
     errors), and every rank writes all of its lines to `log_file` when given.
 
     No prefix is added, so the metrics line starts with `step N | loss` on the console and in
-    the files alike (DESIGN.md's contract for log parsers).
+    the files alike (the log contract in docs/ARCHITECTURE.md).
     """
     console = logging.StreamHandler(sys.stdout)
     console.setLevel(level if rank() == 0 else logging.WARNING)

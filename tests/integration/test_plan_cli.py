@@ -1,5 +1,5 @@
 """`memplan plan` as a user runs it: tables, plan.out JSON, plan.plot PNG, multirun table,
-speed (a 7B plan imports and solves in under 3 s) and the exit codes of DESIGN.md."""
+speed (a 7B plan imports and solves in under 3 s) and the exit codes of docs/ARCHITECTURE.md."""
 
 from __future__ import annotations
 

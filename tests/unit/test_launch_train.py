@@ -7,8 +7,9 @@ import pytest
 
 from configs.errors import ConfigError
 from launch.compose import compose_config, load_resolved
+from launch.plan_source import plan_for
 from launch.run_dir import pin_paths, prepare_run_dir
-from launch.train_command import check_single_node, plan_for, torchrun_command, torchrun_prefix
+from launch.train_command import check_single_node, torchrun_command, torchrun_prefix
 from planner.plan import Plan
 from tests.plans import manual_plan
 
