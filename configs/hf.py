@@ -1,9 +1,9 @@
 """Read a Hugging Face config.json (Llama, Mistral, Qwen2 families) into ModelConfig fields."""
 
-import json
 from pathlib import Path
 from typing import Any
 
+from configs.checks import read_json_object
 from configs.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -22,14 +22,7 @@ def read_hf_config(path: str) -> dict[str, Any]:
     attention_bias on q/k/v/o; Qwen2's always-on q/k/v bias), explicit head_dim and rope
     settings (rope_theta, llama3 rope_scaling).
     """
-    try:
-        raw = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError("model.hf_config", f"cannot read {path}: {exc.strerror}") from exc
-    except json.JSONDecodeError as exc:
-        raise ConfigError("model.hf_config", f"{path} is not valid JSON ({exc.msg})") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError("model.hf_config", f"{path} must hold a JSON object")
+    raw = read_json_object(path, "model.hf_config")
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(

@@ -21,7 +21,7 @@ from configs.errors import ConfigError
 T = TypeVar("T")
 
 
-def _is_optional(tp: Any) -> tuple[bool, Any]:
+def is_optional(tp: Any) -> tuple[bool, Any]:
     """(True, X) for `X | None` / Optional[X], else (False, tp)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -32,7 +32,7 @@ def _is_optional(tp: Any) -> tuple[bool, Any]:
 
 
 def _twin_type(tp: Any) -> Any:
-    optional, inner = _is_optional(tp)
+    optional, inner = is_optional(tp)
     if typing.get_origin(inner) is Literal:
         inner = str
     elif dataclasses.is_dataclass(inner):
@@ -48,7 +48,7 @@ def omegaconf_twin(cls: type) -> type:
     for f in dataclasses.fields(cls):
         tp = _twin_type(hints[f.name])
         if f.default_factory is not dataclasses.MISSING:
-            inner_cls = _is_optional(hints[f.name])[1]
+            inner_cls = is_optional(hints[f.name])[1]
             if dataclasses.is_dataclass(inner_cls):
                 default = dataclasses.field(default_factory=omegaconf_twin(inner_cls))
             else:
@@ -59,18 +59,19 @@ def omegaconf_twin(cls: type) -> type:
     return dataclasses.make_dataclass(cls.__name__, specs)
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
+    """How a message names a type: "an integer", "a number", "true or false", "a string"."""
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
         tp, getattr(tp, "__name__", str(tp))
     )
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
-    optional, inner = _is_optional(tp)
+    optional, inner = is_optional(tp)
     if value is None:
         if optional:
             return None
-        raise ConfigError(key, f"must not be null; expected {_type_name(inner)}")
+        raise ConfigError(key, f"must not be null; expected {type_name(inner)}")
     if typing.get_origin(inner) in (tuple, list):
         (item_type, *_rest) = typing.get_args(inner)
         if isinstance(value, str | bytes | Mapping) or not hasattr(value, "__iter__"):
@@ -101,7 +102,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return value
     else:
         return value
-    raise ConfigError(key, f"expected {_type_name(inner)}, got {value!r}")
+    raise ConfigError(key, f"expected {type_name(inner)}, got {value!r}")
 
 
 def to_typed(values: Mapping[str, Any], cls: type[T], prefix: str = "") -> T:

@@ -1,7 +1,7 @@
 """The plan: what the planner decides and the runtime executes (plan JSON, schema_version 1).
 
-Frozen dataclasses, written and read as JSON. The fields DESIGN.md lists are a contract that
-users and scripts rely on; fields may be added, never renamed or removed.
+Frozen dataclasses, written and read as JSON. The plan-JSON fields docs/ARCHITECTURE.md lists
+are a contract that users and scripts rely on; fields may be added, never renamed or removed.
 
 Per-layer activation policy (see offload/): the layer's saved activations split into
 - anchors: the layer input and the attention core's saved tensors (q, k, v, output,
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from configs.checks import check_bounds, read_json_object
 from configs.errors import ConfigError
 from configs.schema import ClusterConfig, ModelConfig, TrainConfig
 from configs.structured import to_typed
@@ -87,17 +88,8 @@ class Layout:
     """Pipeline stages per pp rank (> 1 only for interleaved and ZBV schedules)."""
 
     def __post_init__(self) -> None:
-        for key in (
-            "dp",
-            "tp",
-            "pp",
-            "sp",
-            "micro_batch_size",
-            "num_microbatches",
-            "virtual_stages",
-        ):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"layout.{key}", f"must be >= 1, got {getattr(self, key)}")
+        batches = ("micro_batch_size", "num_microbatches", "virtual_stages")
+        check_bounds(self, "layout", ("dp", "tp", "pp", "sp", *batches), at_least=1)
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("layout.zero_stage", f"got {self.zero_stage}; allowed: 0, 1, 2, 3")
         if (self.pp == 1) != (self.pp_schedule == "none"):
@@ -128,10 +120,8 @@ class LayerPlan:
     anchor_offload_fraction: float = 0.0
 
     def __post_init__(self) -> None:
-        for key in ("offload_fraction", "recompute_fraction", "anchor_offload_fraction"):
-            value = getattr(self, key)
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"layers[{self.index}].{key}", f"must be in [0, 1], got {value}")
+        fractions = ("offload_fraction", "recompute_fraction", "anchor_offload_fraction")
+        check_bounds(self, f"layers[{self.index}]", fractions, at_least=0, at_most=1)
         if self.offload_fraction + self.recompute_fraction > 1.0 + 1e-9:
             raise ConfigError(
                 f"layers[{self.index}]",
@@ -309,14 +299,7 @@ class Plan:
     @staticmethod
     def read(path: str | Path) -> Plan:
         """Read a plan JSON; any problem is a ConfigError naming plan.path."""
-        try:
-            data = json.loads(Path(path).read_text())
-        except OSError as exc:
-            raise ConfigError("plan.path", f"cannot read {path}: {exc.strerror}") from exc
-        except json.JSONDecodeError as exc:
-            raise ConfigError("plan.path", f"{path} is not valid JSON ({exc.msg})") from exc
-        if not isinstance(data, dict):
-            raise ConfigError("plan.path", f"{path} does not hold a JSON object")
+        data = read_json_object(path, "plan.path")
         try:
             return Plan.from_dict(data)
         except ConfigError as exc:

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 from typing import Literal
 
+from configs.checks import check_bounds
 from configs.errors import ConfigError
 
 
@@ -28,16 +29,12 @@ class CheckpointConfig:
     sync: write in the training thread before the next step (blocks for the whole save)."""
 
     def __post_init__(self) -> None:
-        if self.every < 0:
-            raise ConfigError("checkpoint.every", f"must be >= 0, got {self.every}")
-        if self.exit_after < 0:
-            raise ConfigError("checkpoint.exit_after", f"must be >= 0, got {self.exit_after}")
+        check_bounds(self, "checkpoint", ("every", "exit_after"), at_least=0)
+        check_bounds(self, "checkpoint", ("keep",), at_least=1)
         if self.exit_after and not self.every:
             raise ConfigError(
                 "checkpoint.exit_after",
                 "needs checkpoint.every > 0 (the next job resumes from the last checkpoint)",
             )
-        if self.keep < 1:
-            raise ConfigError("checkpoint.keep", f"must be >= 1, got {self.keep}")
         if self.dir is not None and not self.dir.strip():
             raise ConfigError("checkpoint.dir", "must be a path or null, got an empty string")

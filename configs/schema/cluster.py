@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import Literal
 
-from configs.errors import ConfigError
+from configs.checks import check_bounds
 
 
 @dataclass(frozen=True)
@@ -37,20 +37,11 @@ class ClusterConfig:
     """Collective bus bandwidth per accelerator across nodes (InfiniBand/RoCE)."""
 
     def __post_init__(self) -> None:
-        for key in ("num_nodes", "gpus_per_node"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"cluster.{key}", f"must be >= 1, got {getattr(self, key)}")
-        for key in (
-            "gpu_memory_gib",
-            "host_memory_gib",
-            "peak_tflops",
-            "hbm_bandwidth_gbps",
-            "host_to_device_gbps",
-            "intra_node_gbps",
-            "inter_node_gbps",
-        ):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"cluster.{key}", f"must be > 0, got {getattr(self, key)}")
+        check_bounds(self, "cluster", ("num_nodes", "gpus_per_node"), at_least=1)
+        memories = ("gpu_memory_gib", "host_memory_gib")
+        rates = ("peak_tflops", "hbm_bandwidth_gbps", "host_to_device_gbps")
+        links = ("intra_node_gbps", "inter_node_gbps")
+        check_bounds(self, "cluster", (*memories, *rates, *links), above=0)
 
     @property
     def world_size(self) -> int:

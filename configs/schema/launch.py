@@ -4,6 +4,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from configs.checks import check_bounds
 from configs.errors import ConfigError
 
 # SLURM --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
@@ -46,10 +47,8 @@ class JobConfig:
     each node's command reads it from $HEAD_ADDR."""
 
     def __post_init__(self) -> None:
-        if self.cpus_per_task < 1:
-            raise ConfigError("job.cpus_per_task", f"must be >= 1, got {self.cpus_per_task}")
-        if not 1 <= self.port <= 65535:
-            raise ConfigError("job.port", f"must be in [1, 65535], got {self.port}")
+        check_bounds(self, "job", ("cpus_per_task",), at_least=1)
+        check_bounds(self, "job", ("port",), at_least=1, at_most=65535)
         if not _SLURM_TIME.match(self.time):
             raise ConfigError(
                 "job.time",
@@ -88,5 +87,4 @@ class LaunchConfig:
     `memplan job` passes it to every node's torchrun."""
 
     def __post_init__(self) -> None:
-        if self.max_restarts < 0:
-            raise ConfigError("launch.max_restarts", f"must be >= 0, got {self.max_restarts}")
+        check_bounds(self, "launch", ("max_restarts",), at_least=0)

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import Literal
 
-from configs.errors import ConfigError
+from configs.checks import check_bounds
 
 
 @dataclass(frozen=True)
@@ -20,5 +20,4 @@ class LoggingConfig:
     """wandb project name."""
 
     def __post_init__(self) -> None:
-        if self.every < 1:
-            raise ConfigError("logging.every", f"must be >= 1, got {self.every}")
+        check_bounds(self, "logging", ("every",), at_least=1)

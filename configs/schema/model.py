@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 from typing import Literal
 
+from configs.checks import check_bounds
 from configs.errors import ConfigError
 
 
@@ -55,17 +56,8 @@ class ModelConfig:
     """Standard deviation of the normal weight initialisation."""
 
     def __post_init__(self) -> None:
-        for key in (
-            "vocab_size",
-            "hidden_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "ffn_size",
-            "max_seq_len",
-        ):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"model.{key}", f"must be >= 1, got {getattr(self, key)}")
+        sizes = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads")
+        check_bounds(self, "model", (*sizes, "ffn_size", "max_seq_len"), at_least=1)
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 "model.num_kv_heads",

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 from typing import Literal
 
+from configs.checks import check_bounds
 from configs.errors import ConfigError
 
 PIPELINE_SCHEDULES = (
@@ -80,21 +81,10 @@ class PlannerConfig:
     """Fraction of each node's host RAM kept for the OS, data loading and the runtime."""
 
     def __post_init__(self) -> None:
-        if self.time_limit_seconds <= 0:
-            raise ConfigError(
-                "planner.time_limit_seconds", f"must be > 0, got {self.time_limit_seconds}"
-            )
-        if self.solve_time_limit_seconds <= 0:
-            raise ConfigError(
-                "planner.solve_time_limit_seconds",
-                f"must be > 0, got {self.solve_time_limit_seconds}",
-            )
-        if not 0.0 <= self.mip_gap < 1.0:
-            raise ConfigError("planner.mip_gap", f"must be in [0, 1), got {self.mip_gap}")
-        for key in ("dp", "tp", "pp", "sp"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ConfigError(f"planner.{key}", f"must be >= 1 or null, got {value}")
+        time_limits = ("time_limit_seconds", "solve_time_limit_seconds")
+        check_bounds(self, "planner", time_limits, above=0)
+        check_bounds(self, "planner", ("mip_gap",), at_least=0, below=1)
+        check_bounds(self, "planner", ("dp", "tp", "pp", "sp"), at_least=1)  # null: searched
         if not self.zero_stages or any(s not in (0, 1, 2, 3) for s in self.zero_stages):
             raise ConfigError(
                 "planner.zero_stages",
@@ -107,27 +97,12 @@ class PlannerConfig:
                 f"got {list(self.pp_schedules)}; allowed: a non-empty list of "
                 + ", ".join(PIPELINE_SCHEDULES),
             )
-        for key in ("max_virtual_stages", "max_micro_batch_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"planner.{key}", f"must be >= 1, got {getattr(self, key)}")
-        for key in (
-            "matmul_efficiency",
-            "attention_efficiency",
-            "memory_bandwidth_efficiency",
-            "network_efficiency",
-            "host_transfer_efficiency",
-        ):
-            value = getattr(self, key)
-            if not 0.0 < value <= 1.0:
-                raise ConfigError(f"planner.{key}", f"must be in (0, 1], got {value}")
-        for key in ("layer_overhead_seconds", "collective_latency_seconds"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"planner.{key}", f"must be >= 0, got {getattr(self, key)}")
-        for key in ("fragmentation_reserve_fraction", "host_reserve_fraction"):
-            value = getattr(self, key)
-            if not 0.0 <= value < 1.0:
-                raise ConfigError(f"planner.{key}", f"must be in [0, 1), got {value}")
-        if self.cuda_context_gib < 0:
-            raise ConfigError(
-                "planner.cuda_context_gib", f"must be >= 0, got {self.cuda_context_gib}"
-            )
+        search_limits = ("max_virtual_stages", "max_micro_batch_size")
+        check_bounds(self, "planner", search_limits, at_least=1)
+        compute = ("matmul_efficiency", "attention_efficiency", "memory_bandwidth_efficiency")
+        transfers = ("network_efficiency", "host_transfer_efficiency")
+        check_bounds(self, "planner", (*compute, *transfers), above=0, at_most=1)
+        costs = ("layer_overhead_seconds", "collective_latency_seconds", "cuda_context_gib")
+        check_bounds(self, "planner", costs, at_least=0)
+        reserves = ("fragmentation_reserve_fraction", "host_reserve_fraction")
+        check_bounds(self, "planner", reserves, at_least=0, below=1)

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import Literal
 
-from configs.errors import ConfigError
+from configs.checks import check_bounds
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,4 @@ class ProfileConfig:
     """Also time the same steps with every activation policy removed (offload overhead)."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ConfigError("profile.steps", f"must be >= 1, got {self.steps}")
-        if self.seq_len is not None and self.seq_len < 1:
-            raise ConfigError("profile.seq_len", f"must be >= 1 or null, got {self.seq_len}")
+        check_bounds(self, "profile", ("steps", "seq_len"), at_least=1)  # seq_len may be null

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import Literal
 
-from configs.errors import ConfigError
+from configs.checks import check_bounds
 
 
 @dataclass(frozen=True)
@@ -42,19 +42,10 @@ class TrainConfig:
     """Tokens per chunk of the chunked cross-entropy (bounds the logits working set)."""
 
     def __post_init__(self) -> None:
-        for key in ("seq_len", "global_batch_size", "steps", "loss_chunk_tokens"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise ConfigError(
-                "train.micro_batch_size", f"must be >= 1 or null, got {self.micro_batch_size}"
-            )
-        if self.warmup_steps < 0:
-            raise ConfigError("train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError("train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        if self.grad_clip < 0:
-            raise ConfigError("train.grad_clip", f"must be >= 0, got {self.grad_clip}")
+        counts = ("seq_len", "global_batch_size", "micro_batch_size", "steps", "loss_chunk_tokens")
+        check_bounds(self, "train", counts, at_least=1)  # micro_batch_size may be null
+        check_bounds(self, "train", ("warmup_steps", "grad_clip"), at_least=0)
+        check_bounds(self, "train", ("min_lr_ratio",), at_least=0, at_most=1)
 
 
 @dataclass(frozen=True)
@@ -69,7 +60,4 @@ class DataConfig:
     """Size cap of the embedded corpus: byte tokens from Python's standard library sources."""
 
     def __post_init__(self) -> None:
-        if self.embedded_max_bytes < 4096:
-            raise ConfigError(
-                "data.embedded_max_bytes", f"must be >= 4096, got {self.embedded_max_bytes}"
-            )
+        check_bounds(self, "data", ("embedded_max_bytes",), at_least=4096)
