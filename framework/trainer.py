@@ -91,6 +91,7 @@ def train(cfg: Config, plan: Plan, run_dir: Path) -> TrainResult:
         last_step = cfg.train.steps
         if cfg.checkpoint.exit_after:
             last_step = min(last_step, result.start_step + cfg.checkpoint.exit_after)
+        metrics.start_window()  # set-up above (wandb, resume) is not throughput
         for step in range(result.start_step + 1, last_step + 1):
             inputs, targets = loader.next_batch()
             output = runtime.train_step(inputs, targets)

@@ -66,6 +66,11 @@ class MetricsTracker:
         self.peak_flops = peak_tflops * 1e12
         self.memory_capacity_bytes = memory_capacity_bytes
         self.device = device
+        self.start_window()
+
+    def start_window(self) -> None:
+        """Start timing now: the trainer calls it right before the first step, so set-up
+        (trackers, checkpoint resume) is not counted in the first line's throughput."""
         self._window_start = time.perf_counter()
         self._window_steps = 0
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import re
+import time
 
 import pytest
 
@@ -58,3 +59,26 @@ def test_wandb_offline_writes_a_local_run(tiny_config, tmp_path, monkeypatch):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("*.wandb")), "the offline run holds its history file"
+
+
+def test_first_step_throughput_does_not_count_tracker_start_up(
+    tiny_config, tmp_path, caplog, monkeypatch
+):
+    import framework.trainer as trainer
+    from framework.components.tracking import WandbTracker
+
+    start_up_seconds = 3.0
+
+    class SlowStartTracker(WandbTracker):
+        def __init__(self, *args, **kwargs):
+            time.sleep(start_up_seconds)  # what wandb.init costs, exaggerated
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "WandbTracker", SlowStartTracker)
+    cfg = _short(tiny_config, steps=1)
+    caplog.set_level("INFO")
+    train(cfg, manual_plan(cfg), tmp_path)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 1 ")]
+    tokens_per_second = float(re.search(r"tok/s ([\d,]+)", line).group(1).replace(",", ""))
+    step_seconds = cfg.train.global_batch_size * cfg.train.seq_len / tokens_per_second
+    assert step_seconds < start_up_seconds, line
