@@ -33,15 +33,12 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from configs.schema import CheckpointConfig, ModelConfig, TrainConfig  # noqa: E402
-from framework.components.checkpoint import Checkpointer  # noqa: E402
-from framework.components.checkpoint.staging import state_bytes  # noqa: E402
-from framework.components.model import build_model, count_parameters, materialize  # noqa: E402
-from framework.runtime import LocalRuntime  # noqa: E402
-from planner.units import GIB  # noqa: E402
+from configs.schema import CheckpointConfig, ModelConfig, TrainConfig
+from framework.components.checkpoint import Checkpointer
+from framework.components.checkpoint.staging import state_bytes
+from framework.components.model import build_model, count_parameters, materialize
+from framework.runtime import LocalRuntime
+from planner.units import GIB
 
 
 def parse_args() -> argparse.Namespace:

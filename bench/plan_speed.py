@@ -22,13 +22,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch.compose import compose_config
-from planner.bounds import bounds
-from planner.costs import costs_for
 from planner.errors import NoFeasiblePlan
-from planner.milp import solve_layout, solver_name
+from planner.make import make_plan
+from planner.milp import solver_name
 from planner.plan import Layout
-from planner.schedules import StageMap
-from planner.search import make_plan
+from planner.search import Candidate
 
 BASE = [
     "model=llama3_70b",
@@ -48,16 +46,11 @@ FIXED = {
 
 
 def fixed_solve_seconds(cfg, fields: dict) -> tuple[float, str]:
-    layout = Layout(zero_backend="fsdp2", **fields)
-    costs = costs_for(cfg, layout)
-    stages = StageMap.of(layout, cfg.cluster.gpus_per_node)
-    b = bounds(costs, cfg.model.num_layers)
+    """Seconds and status of one MILP solve of a fixed layout, as the search solves it."""
+    cand = Candidate.of(cfg, Layout(zero_backend="fsdp2", **fields))
+    solver, p = solver_name(cfg.planner.solver), cfg.planner
     started = time.perf_counter()
-    result = solve_layout(
-        costs, stages, cfg.model.num_layers, solver_name(cfg.planner.solver),
-        cfg.planner.solve_time_limit_seconds, cfg.planner.mip_gap,
-        floors=(b.stage_max, b.rank_max, b.residue_max),
-    )  # fmt: skip
+    result = cand.solve(cfg.model.num_layers, solver, p.solve_time_limit_seconds, p.mip_gap)
     return time.perf_counter() - started, result.solution_status
 
 

@@ -16,6 +16,6 @@ def plan_for(cfg: Config) -> Plan:
         plan = Plan.read(cfg.plan.path)
         check_plan_matches(plan, cfg.model, cfg.cluster, cfg.train)
         return plan
-    from planner.search import make_plan  # the solver stack loads only when planning
+    from planner.make import make_plan  # the solver stack loads only when planning
 
     return make_plan(cfg)

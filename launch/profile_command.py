@@ -4,8 +4,8 @@ recomputed; the step peak against the plan; the step time. profile.out=PATH writ
 
 The plan is plan.path=PATH or a fresh one from the planner; a plan that does not fit the
 model, batch or cluster is bad input (exit 2). What runs here (one pipeline stage, per-rank
-widths, scaled down on the CPU) is described in framework/measure/profile.py and printed above the
-table.
+widths, scaled down on the CPU) is described in framework/measure/setup.py and printed above
+the table; each step is the runtime's train step (framework/measure/stage_step.py).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from rich.table import Table
 
 from configs.errors import ConfigError
 from configs.schema import Config
+from framework.measure.report import ProfileReport, format_error, median_step_seconds
 from launch.compose import compose_config
-from planner.plan import Plan
+from planner.plan import LayerPlan, Plan
 from planner.units import format_bytes
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def plan_for_profile(cfg: Config) -> Plan:
     if cfg.plan.path:
         return Plan.read(cfg.plan.path)
     try:
-        from planner.search import make_plan
+        from planner.make import make_plan
     except ImportError as exc:
         raise ConfigError(
             "plan.path", "no planner search in this memplan: pass plan.path=PLAN.json"
@@ -40,26 +41,14 @@ def plan_for_profile(cfg: Config) -> Plan:
     return make_plan(cfg)
 
 
-def format_error(measured: int, predicted: int) -> str:
-    """Signed relative difference, '-' when both are zero."""
-    from framework.measure.profile import relative_error
-
-    error = relative_error(measured, predicted)
-    if error is None:
-        return "-"
-    if error == float("inf"):
-        return "n/a"
-    return f"{100 * error:+.2f}%"
-
-
-def policy_label(policy) -> str:
+def policy_label(policy: LayerPlan) -> str:
     """'a0.30 r0.30 b0.50 selective' (offload, recompute, anchor-offload fractions; mode)."""
     text = f"a{policy.offload_fraction:.2f} r{policy.recompute_fraction:.2f}"
     text += f" b{policy.anchor_offload_fraction:.2f}"
     return text if policy.recompute == "none" else f"{text} {policy.recompute}"
 
 
-def layer_table(report) -> Table:
+def layer_table(report: ProfileReport) -> Table:
     """Per-layer predicted vs measured bytes (one micro-batch)."""
     table = Table(title="saved activations per layer (one micro-batch)", title_justify="left")
     table.add_column("layer", justify="right")
@@ -98,10 +87,8 @@ def layer_table(report) -> Table:
     return table
 
 
-def summary_lines(report) -> list[str]:
+def summary_lines(report: ProfileReport) -> list[str]:
     """Peak, step time and host-slab lines under the table."""
-    from framework.measure.profile import median_step_seconds
-
     lines = []
     if report.device.startswith("cuda"):
         lines.append(
@@ -136,7 +123,7 @@ def summary_lines(report) -> list[str]:
     return lines
 
 
-def print_report(report, plan: Plan, console: Console) -> None:
+def print_report(report: ProfileReport, plan: Plan, console: Console) -> None:
     setup = report.setup
     layout = plan.layout
     console.print(

@@ -17,10 +17,10 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from configs.errors import ConfigError
 from configs.schema import ModelConfig
+from planner.layouts import model_problems, plan_problems, raise_first, world_problems
 from planner.plan import Plan
 
 MESH_DIMS = ("pp", "dp", "sp", "tp")
-MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble")
 
 
 @dataclass(frozen=True)
@@ -37,13 +37,8 @@ class ParallelDims:
         for key in ("dp", "tp", "pp", "sp"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"layout.{key}", f"must be >= 1, got {getattr(self, key)}")
-        product = self.dp * self.tp * self.pp * self.sp
-        if product != self.world_size:
-            raise ConfigError(
-                "layout",
-                f"dp*tp*pp*sp={self.dp}*{self.tp}*{self.pp}*{self.sp}={product} != "
-                f"world_size={self.world_size}",
-            )
+        dp, tp, pp, sp = self.dp, self.tp, self.pp, self.sp
+        raise_first(world_problems(dp, tp, pp, sp, self.world_size, "world_size"))
 
     @staticmethod
     def from_plan(plan: Plan, model: ModelConfig, seq_len: int, world_size: int) -> ParallelDims:
@@ -55,64 +50,14 @@ class ParallelDims:
         return dims
 
     def check_model(self, model: ModelConfig, seq_len: int) -> None:
-        """Head, kv-head, FFN and sequence divisibility for tensor and Ulysses parallelism."""
-        tp, sp = self.tp, self.sp
-        for key in ("num_heads", "num_kv_heads", "ffn_size"):
-            if getattr(model, key) % tp:
-                raise ConfigError(
-                    "layout.tp", f"model.{key}={getattr(model, key)} not divisible by tp={tp}"
-                )
-        heads, kv_heads = model.num_heads // tp, model.num_kv_heads // tp
-        if heads % sp:
-            raise ConfigError("layout.sp", f"num_heads/tp={heads} not divisible by sp={sp}")
-        if kv_heads % sp and sp % kv_heads:
-            raise ConfigError(
-                "layout.sp",
-                f"num_kv_heads/tp={kv_heads} and sp={sp}: Ulysses needs one to divide the other",
-            )
-        if seq_len % sp:
-            raise ConfigError("layout.sp", f"train.seq_len={seq_len} not divisible by sp={sp}")
+        """Head, kv-head, FFN and sequence divisibility for tensor and Ulysses parallelism
+        (planner/layouts.py has the rules)."""
+        raise_first(model_problems(model, self.tp, self.sp, seq_len))
 
     def check_plan(self, plan: Plan) -> None:
-        """Batch arithmetic, schedule/virtual-stage rules, backend limits and the stage split."""
-        layout = plan.layout
-        micro, g = layout.micro_batch_size, layout.num_microbatches
-        if self.dp * micro * g != plan.train.global_batch_size:
-            raise ConfigError(
-                "layout",
-                f"dp*micro_batch_size*num_microbatches={self.dp}*{micro}*{g} != "
-                f"global_batch_size={plan.train.global_batch_size}",
-            )
-        schedule, v = layout.pp_schedule, layout.virtual_stages
-        if self.pp > 1 and g < self.pp:
-            raise ConfigError("layout.num_microbatches", f"{g} < pp={self.pp}")
-        if schedule in ("none", "gpipe", "1f1b") and v != 1:
-            raise ConfigError("layout.virtual_stages", f"pp_schedule={schedule} needs 1, got {v}")
-        if schedule in ("interleaved_1f1b", "interleaved_zero_bubble") and v < 2:
-            raise ConfigError(
-                "layout.virtual_stages", f"pp_schedule={schedule} needs >= 2, got {v}"
-            )
-        if schedule == "zbv_zero_bubble" and v != 2:
-            raise ConfigError("layout.virtual_stages", f"pp_schedule={schedule} needs 2, got {v}")
-        if schedule in MULTI_STAGE_SCHEDULES and g % self.pp:
-            raise ConfigError(
-                "layout.num_microbatches",
-                f"pp_schedule={schedule} needs num_microbatches={g} divisible by pp={self.pp}",
-            )
-        if layout.zero_backend == "deepspeed" and (self.tp, self.pp, self.sp) != (1, 1, 1):
-            raise ConfigError(
-                "layout.zero_backend",
-                f"deepspeed needs tp=pp=sp=1, got tp={self.tp} pp={self.pp} sp={self.sp}",
-            )
-        if layout.zero_backend == "deepspeed" and layout.zero_stage == 3:
-            full = [layer.index for layer in plan.layers if layer.recompute == "full"]
-            if full:
-                raise ConfigError(
-                    f"layers[{full[0]}].recompute",
-                    "full recomputation does not run under zero_backend=deepspeed with "
-                    "zero_stage=3 (DeepSpeed releases the parameters the recomputed layer "
-                    "needs in backward); use zero_backend=fsdp2, zero_stage<=2 or selective",
-                )
+        """Batch arithmetic, schedule/virtual-stage rules, backend limits, the layers' modes
+        (planner/layouts.py has the rules) and the stage split."""
+        raise_first(plan_problems(plan))
         stage_layers(plan)
 
     @property

@@ -33,6 +33,7 @@ from torch.distributed.pipelining import (
 from parallel.dims import ParallelMesh
 from parallel.stage_model import StageModel
 from parallel.zero import local_tensor
+from planner.schedules import MULTI_STAGE as MULTI_STAGE_SCHEDULES
 
 SINGLE_STAGE = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 MULTI_STAGE = {
@@ -40,6 +41,12 @@ MULTI_STAGE = {
     "interleaved_zero_bubble": ScheduleInterleavedZeroBubble,
     "zbv_zero_bubble": ScheduleZBVZeroBubble,
 }
+"""The torch class of each multi-stage schedule; planner.schedules.MULTI_STAGE names them."""
+if MULTI_STAGE.keys() != set(MULTI_STAGE_SCHEDULES):  # the planner's names are the reference
+    raise ImportError(
+        f"parallel.pipeline.MULTI_STAGE runs {sorted(MULTI_STAGE)}, but the planner emits "
+        f"planner.schedules.MULTI_STAGE={sorted(MULTI_STAGE_SCHEDULES)}"
+    )
 
 
 class Pipeline:

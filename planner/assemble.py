@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TypeVar
 
 from configs.schema import Config
 from planner.costs import costs_for
 from planner.memory import predict_host_bytes_per_node, predict_stage_memory
-from planner.milp import StageChoice
+from planner.modes import SPLIT_MODES, STAGE_LAYER_ORDER
 from planner.params import total_params
 from planner.plan import (
     ClusterSummary,
@@ -23,13 +24,13 @@ from planner.plan import (
     TimeEstimate,
     TrainSummary,
 )
+from planner.solution import StageChoice
 from planner.timing import predict_step_time
 from planner.units import GIB
 
-MODE_ORDER = ("full", "selective", "none")
-"""Order of a stage's layers by recompute mode in the emitted plan."""
 NOISE = 1e-6
 """Fractions below this are solver noise."""
+T = TypeVar("T")
 
 
 def _snap(fraction_sum: float, layers: int, tokens: int) -> int:
@@ -47,13 +48,13 @@ def layer_policies(choices: tuple[StageChoice, ...], seq_local: int) -> list[Lay
     reproduces the token counts exactly)."""
     layers: list[LayerPlan] = []
     for stage, choice in enumerate(choices):
-        for mode in MODE_ORDER:
+        for mode in STAGE_LAYER_ORDER:
             count = choice.layers[mode]
             if count <= 0:
                 continue
             anchor = _snap(choice.anchor_offload_sum[mode], count, seq_local)
             offload = recompute = 0
-            if mode != "full":
+            if mode in SPLIT_MODES:
                 offload = _snap(choice.offload_sum[mode], count, seq_local)
                 both = choice.offload_sum[mode] + choice.recompute_sum[mode]
                 recompute = max(0, _snap(both, count, seq_local) - offload)
@@ -71,31 +72,21 @@ def layer_policies(choices: tuple[StageChoice, ...], seq_local: int) -> list[Lay
     return layers
 
 
+def _same_names(cls: type[T], source: object, **values: object) -> T:
+    """A `cls` dataclass with `values`, and every other field read from `source`'s attribute
+    of the same name."""
+    fields = [f.name for f in dataclasses.fields(cls) if f.name not in values]
+    return cls(**{name: getattr(source, name) for name in fields}, **values)
+
+
 def _summaries(cfg: Config, layout: Layout, dtype: str) -> dict:
-    m = cfg.model
+    """The model, batch and cluster the plan is made for (Plan's summary fields)."""
     return {
-        "model": ModelSummary(
-            name=m.name,
-            num_params=total_params(m),
-            num_layers=m.num_layers,
-            hidden_size=m.hidden_size,
-            num_heads=m.num_heads,
-            num_kv_heads=m.num_kv_heads,
-            ffn_size=m.ffn_size,
-            vocab_size=m.vocab_size,
+        "model": _same_names(ModelSummary, cfg.model, num_params=total_params(cfg.model)),
+        "train": _same_names(
+            TrainSummary, cfg.train, micro_batch_size=layout.micro_batch_size, dtype=dtype
         ),
-        "train": TrainSummary(
-            seq_len=cfg.train.seq_len,
-            global_batch_size=cfg.train.global_batch_size,
-            micro_batch_size=layout.micro_batch_size,
-            dtype=dtype,
-        ),
-        "cluster": ClusterSummary(
-            name=cfg.cluster.name,
-            num_nodes=cfg.cluster.num_nodes,
-            gpus_per_node=cfg.cluster.gpus_per_node,
-            gpu_memory_gib=cfg.cluster.gpu_memory_gib,
-        ),
+        "cluster": _same_names(ClusterSummary, cfg.cluster),
     }
 
 
@@ -112,19 +103,15 @@ def build_plan(cfg: Config, layout: Layout, layers: list[LayerPlan], solver: Sol
     )
     ranks = predict_stage_memory(draft, cfg)
     top = max(ranks, key=lambda r: r.peak_bytes)
-    memory = MemoryBreakdown(
+    memory = _same_names(  # params, grads, optimizer, activations, other, grads_pending
+        MemoryBreakdown,
+        top,
         gpu_budget_bytes=costs.budget_bytes,
         gpu_peak_bytes=top.peak_bytes,
-        params_bytes=top.params_bytes,
-        grads_bytes=top.grads_bytes,
-        optimizer_bytes=top.optimizer_bytes,
-        activations_bytes=top.activations_bytes,
-        other_bytes=top.other_bytes,
         host_bytes_per_node=predict_host_bytes_per_node(draft, cfg, ranks),
         gpu_total_bytes=int(cfg.cluster.gpu_memory_gib * GIB),
         reserved_bytes=costs.reserved_bytes,
         host_budget_bytes_per_node=costs.host_budget_bytes,
-        grads_pending_bytes=top.grads_pending_bytes,
     )
     with_memory = dataclasses.replace(draft, memory=memory, ranks=tuple(ranks))
     return dataclasses.replace(with_memory, time=predict_step_time(with_memory, cfg))

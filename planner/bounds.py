@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 
 from planner.costs import LayoutCosts
-from planner.schedules import ZERO_BUBBLE, stage_rank
+from planner.schedules import pipeline_step, stage_rank
 
 
 def _min_max_load(bases: list[float], per_item: float, items: int, at_least: int) -> float:
@@ -86,15 +86,7 @@ def bounds(costs: LayoutCosts, num_layers: int) -> Bounds:
     else:  # each stage holds at most L - S + 1 layers
         residue_max = max(b + residue * (L - S + 1) for b in residue_base)
     residue_max = max(0.0, residue_max)
-    schedule = lay.pp_schedule
-    if schedule == "none":
-        step = G * total
-    elif schedule in ("gpipe", "1f1b"):
-        step = (G - 1) * stage_max + total
-    elif schedule in ZERO_BUBBLE:
-        step = G * rank_max + (pp - 1) * residue_max
-    else:
-        step = G * rank_max + (pp - 1) * stage_max
+    step = pipeline_step(lay.pp_schedule, pp, G, total, stage_max, rank_max, residue_max)
     psi = L * costs.layer_params + first.params + last.params
     tail = (costs.optimizer_seconds_per_param + costs.zero_exposed_end_seconds_per_param) * psi
     states = costs.state_bytes_per_param * psi / pp

@@ -53,11 +53,11 @@ from dataclasses import dataclass
 
 from configs.schema import ClusterConfig, Config, ModelConfig, PlannerConfig, TrainConfig
 from planner.activations import FP32_BYTES, LayerShape, outside_layers_bytes
-from planner.params import StateBytesPerParam, param_counts
+from planner.modes import full_recompute_runs
+from planner.params import ParamCounts, StateBytesPerParam, param_counts
 from planner.plan import Layout
 from planner.units import GIB
 
-MODES = ("none", "selective", "full")
 ADAM_BYTES_PER_PARAM = 28
 """Optimizer step traffic per parameter of the optimizer shard: fp32 master (or fp32 params),
 m and v read and written (24) + the gradient read and the parameter written."""
@@ -205,6 +205,21 @@ class LayoutCosts:
     def states_per_param(self) -> StateBytesPerParam:
         return StateBytesPerParam.of(self.dtype)
 
+    def stage_extra_params(self, stage: int, num_stages: int) -> int:
+        """Parameters global stage `stage` holds beyond its layers (first/last-stage extras)."""
+        first = self.first.params if stage == 0 else 0
+        return first + (self.last.params if stage == num_stages - 1 else 0)
+
+    def stage_constant_bytes(self, stage: int, num_stages: int) -> float:
+        """Saved bytes of global stage `stage` per micro-batch beyond its layers: the RoPE
+        tables, the pipeline stage input and output, the first/last-stage extras."""
+        last = num_stages - 1
+        boundary = (stage > 0) + (stage < last) if self.layout.pp > 1 else 0
+        saved = self.chunk_saved_bytes + boundary * self.boundary_bytes
+        saved += self.first.saved_bytes if stage == 0 else 0
+        saved += self.last.saved_bytes if stage == last else 0
+        return saved
+
     def mode_host_bytes(self, mode: str, offload: float, anchor_offload: float) -> float:
         cost = self.modes[mode]
         return cost.anchor_bytes * anchor_offload + cost.local_bytes * offload
@@ -233,6 +248,242 @@ def _shard_factor(zero_stage: int, needed: int, shard_ranks: int) -> float:
     return 1.0 / shard_ranks if zero_stage >= needed else 1.0
 
 
+@dataclass(frozen=True)
+class _Rank:
+    """One rank's share of one micro-batch: the module docstring's symbols, and its rates."""
+
+    rates: Rates
+    a: int
+    """Dtype bytes."""
+    micro_batch: int
+    seq: int
+    """s: the whole sequence (causal attention spans it)."""
+    seq_local: int
+    tokens: int
+    """T = micro_batch x seq_len / sp."""
+    hidden: int
+    """H."""
+    vocab: int
+    head_dim: int
+    ffn: int
+    """F = ffn / tp."""
+    q: int
+    """heads / tp x head_dim."""
+    kv: int
+    """kv_heads / tp x head_dim."""
+    shape: LayerShape
+    counts: ParamCounts
+
+    @staticmethod
+    def of(model: ModelConfig, rates: Rates, a: int, layout: Layout, seq: int) -> _Rank:
+        tp, sp = layout.tp, layout.sp
+        seq_local = seq // sp
+        head_dim = model.resolved_head_dim
+        return _Rank(
+            rates=rates,
+            a=a,
+            micro_batch=layout.micro_batch_size,
+            seq=seq,
+            seq_local=seq_local,
+            tokens=layout.micro_batch_size * seq_local,
+            hidden=model.hidden_size,
+            vocab=model.vocab_size,
+            head_dim=head_dim,
+            ffn=model.ffn_size // tp,
+            q=model.num_heads // tp * head_dim,
+            kv=model.num_kv_heads // tp * head_dim,
+            shape=LayerShape.of(model, a, tp, sp),
+            counts=param_counts(model, tp, layout.pp),
+        )
+
+    @property
+    def hidden_bytes(self) -> int:
+        """One [T, H] tensor."""
+        return self.tokens * self.hidden * self.a
+
+    def matmul_s(self, flops: float) -> float:
+        return flops / self.rates.matmul
+
+    def memory_s(self, nbytes: float) -> float:
+        return nbytes / self.rates.memory
+
+
+@dataclass(frozen=True)
+class _Links:
+    """Communication of one layout (mesh order pp, dp, sp, tp; tp innermost)."""
+
+    tp_allreduce_seconds: float
+    """One all-reduce of T H a over the tp group (0 without tp)."""
+    ulysses_seconds: float
+    """The Ulysses all-to-alls of one direction (0 without sp)."""
+    zero: float
+    """Bytes/s of the dp x sp group ZeRO shards over."""
+    pp: float
+    """Bytes/s between pipeline neighbours."""
+    latency: float
+    """planner.collective_latency_seconds, per collective or p2p transfer."""
+
+    @staticmethod
+    def of(rank: _Rank, layout: Layout, rates: Rates, latency: float, gpn: int) -> _Links:
+        tp, sp, pp, dp = layout.tp, layout.sp, layout.pp, layout.dp
+        tp_link = rates.link(tp <= gpn)
+        sp_link = rates.link(tp * sp <= gpn)
+        tp_allreduce_s = (
+            2 * (tp - 1) / tp * rank.hidden_bytes / tp_link + latency if tp > 1 else 0.0
+        )
+        kv_a2a = sp * rank.shape.kv_heads_in_core * rank.head_dim
+        ulysses_s = (
+            (sp - 1) / sp * rank.tokens * rank.a * (2 * rank.q + 2 * kv_a2a) / sp_link + 4 * latency
+            if sp > 1
+            else 0.0
+        )
+        return _Links(
+            tp_allreduce_seconds=tp_allreduce_s,
+            ulysses_seconds=ulysses_s,
+            zero=rates.link(tp * sp * dp <= gpn),
+            pp=rates.link(tp * sp * dp * pp <= gpn),
+            latency=latency,
+        )
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One decoder layer's compute: forward, backward without recompute, weight-grad pass,
+    and its cost in each recompute mode."""
+
+    forward_seconds: float
+    backward_seconds: float
+    weight_grad_seconds: float
+    modes: dict[str, ModeCost]
+
+
+def _layer(rank: _Rank, links: _Links) -> _Layer:
+    """The per-layer compute formulas of the module docstring."""
+    tokens, a, hidden, ffn, q = rank.tokens, rank.a, rank.hidden, rank.ffn, rank.q
+    mm_fwd = 2.0 * tokens * rank.counts.layer_matmul
+    attn_fwd = 2.0 * tokens * rank.seq * q
+    elem_fwd = tokens * a * (10 * hidden + 3 * ffn + 2 * q + 2 * rank.kv)
+    tp_allreduce_s, ulysses_s = links.tp_allreduce_seconds, links.ulysses_seconds
+    overhead = rank.rates.layer_overhead_seconds
+    fwd = (
+        rank.matmul_s(mm_fwd)
+        + attn_fwd / rank.rates.attention
+        + rank.memory_s(elem_fwd)
+        + 2 * tp_allreduce_s
+        + ulysses_s
+        + overhead
+    )
+    bwd = (
+        rank.matmul_s(2 * mm_fwd)
+        + 2.5 * attn_fwd / rank.rates.attention
+        + rank.memory_s(2 * elem_fwd)
+        + 2 * tp_allreduce_s
+        + ulysses_s
+        + overhead
+    )
+    local_recompute = (
+        rank.matmul_s(2.0 * tokens * (q * hidden + 2 * hidden * ffn))
+        + rank.memory_s(tokens * a * (8 * hidden + 3 * ffn))
+        + tp_allreduce_s
+    )
+    selective_extra = rank.memory_s(tokens * a * (4 * hidden + 3 * ffn))
+    mb, shape, seq_local = rank.micro_batch, rank.shape, rank.seq_local
+    anchor = mb * shape.anchor_bytes(seq_local)
+    modes = {
+        "none": ModeCost(
+            anchor, mb * shape.local_bytes(seq_local, selective=False), bwd, local_recompute
+        ),
+        "selective": ModeCost(
+            anchor,
+            mb * shape.local_bytes(seq_local, selective=True),
+            bwd + selective_extra,
+            local_recompute,
+        ),
+        "full": ModeCost(mb * shape.input_bytes(seq_local), 0.0, bwd + fwd, 0.0),
+    }
+    return _Layer(fwd, bwd, rank.matmul_s(mm_fwd), modes)
+
+
+@dataclass(frozen=True)
+class _Zero:
+    """ZeRO over the dp x sp ranks: which states it shards and the traffic it adds."""
+
+    stage: int
+    shard_ranks: int
+    a: int
+    link: float
+    latency: float
+
+    @property
+    def fraction(self) -> float:
+        """f = (N-1)/N of the module docstring."""
+        return (self.shard_ranks - 1) / self.shard_ranks
+
+    def shard(self, needed: int) -> float:
+        """The share of a state one rank holds: 1/N from ZeRO stage `needed` on."""
+        return _shard_factor(self.stage, needed, self.shard_ranks)
+
+    def exposed(self, params: int, fwd_s: float, bwd_s: float) -> float:
+        """ZeRO-2/3 communication of `params` not hidden behind fwd_s / bwd_s of compute."""
+        f = self.fraction
+        if self.stage == 3:
+            gather = f * params * self.a / self.link + self.latency
+            return max(0.0, gather - fwd_s) + max(0.0, 2 * gather - bwd_s)
+        if self.stage == 2:
+            return max(0.0, f * params * self.a / self.link + self.latency - bwd_s)
+        return 0.0
+
+    def overlapped_per_param(self) -> float:
+        """End-of-step gradient bytes per parameter that overlap the last backward (ZeRO-0/1)."""
+        f = self.fraction
+        return {0: 2 * f * self.a, 1: f * self.a}.get(self.stage, 0.0)
+
+    def exposed_end_per_param(self) -> float:
+        """Parameter all-gather bytes per parameter after the optimizer step (ZeRO-1/2)."""
+        return self.fraction * self.a if self.stage in (1, 2) else 0.0
+
+
+def _stage_extras(
+    model: ModelConfig, rank: _Rank, zero: _Zero, pp: int, rope: float
+) -> tuple[StageExtra, StageExtra]:
+    """(first, last): what the embedding stage and the final norm / output / loss stage add
+    (saved bytes beyond the RoPE tables `rope` every stage holds)."""
+    counts, a, seq_local, mb = rank.counts, rank.a, rank.seq_local, rank.micro_batch
+    first_saved = (
+        outside_layers_bytes(model, mb, seq_local, a, first_stage=True, last_stage=False) - rope
+    )
+    last_saved = (
+        outside_layers_bytes(model, mb, seq_local, a, first_stage=False, last_stage=True) - rope
+    )
+    hidden_bytes = rank.hidden_bytes
+    embed_fwd = rank.memory_s(hidden_bytes)
+    embed_bwd = rank.memory_s(2 * hidden_bytes)
+    logits_mm = 2.0 * rank.tokens * rank.vocab * rank.hidden
+    last_fwd = rank.memory_s(2 * hidden_bytes) + rank.matmul_s(logits_mm)
+    last_bwd = rank.memory_s(4 * hidden_bytes) + rank.matmul_s(3 * logits_mm)
+    last_params = counts.final_norm + counts.output
+    if model.tie_embeddings and pp == 1:
+        last_params = counts.final_norm  # the embedding is the output projection
+    first = StageExtra(
+        params=counts.embedding,
+        saved_bytes=first_saved,
+        forward_seconds=embed_fwd,
+        backward_seconds=embed_bwd,
+        weight_grad_seconds=0.0,
+        zero_exposed_seconds=zero.exposed(counts.embedding, embed_fwd, embed_bwd),
+    )
+    output_params = max(counts.output, counts.embedding if model.tie_embeddings else 0)
+    last = StageExtra(
+        params=last_params,
+        saved_bytes=last_saved,
+        forward_seconds=last_fwd,
+        backward_seconds=last_bwd,
+        weight_grad_seconds=rank.matmul_s(logits_mm),
+        zero_exposed_seconds=zero.exposed(output_params, last_fwd, last_bwd),
+    )
+    return first, last
+
+
 @functools.lru_cache(maxsize=8192)
 def layout_costs(
     model: ModelConfig,
@@ -246,188 +497,64 @@ def layout_costs(
     rates = Rates.of(cluster, planner)
     dtype = training_dtype(cluster, train)
     a = dtype_bytes(dtype)
-    tp, sp, pp, dp = layout.tp, layout.sp, layout.pp, layout.dp
-    mb = layout.micro_batch_size
-    seq = train.seq_len
-    seq_local = seq // sp
-    tokens = mb * seq_local
     gpn = cluster.gpus_per_node
-    hidden, vocab = model.hidden_size, model.vocab_size
-    head_dim = model.resolved_head_dim
-    ffn_r = model.ffn_size // tp
-    q_r = model.num_heads // tp * head_dim
-    kv_r = model.num_kv_heads // tp * head_dim
-    shape = LayerShape.of(model, a, tp, sp)
-    counts = param_counts(model, tp, pp)
-
-    def matmul_s(flops: float) -> float:
-        return flops / rates.matmul
-
-    def memory_s(nbytes: float) -> float:
-        return nbytes / rates.memory
-
-    # --- communication links (mesh order pp, dp, sp, tp; tp innermost) ---
-    tp_link = rates.link(tp <= gpn)
-    sp_link = rates.link(tp * sp <= gpn)
-    zero_link = rates.link(tp * sp * dp <= gpn)
-    pp_link = rates.link(tp * sp * dp * pp <= gpn)
-    hidden_bytes = tokens * hidden * a
-    latency = planner.collective_latency_seconds
-    tp_allreduce_s = 2 * (tp - 1) / tp * hidden_bytes / tp_link + latency if tp > 1 else 0.0
-    kv_a2a = sp * shape.kv_heads_in_core * head_dim
-    ulysses_s = (
-        (sp - 1) / sp * tokens * a * (2 * q_r + 2 * kv_a2a) / sp_link + 4 * latency
-        if sp > 1
-        else 0.0
+    rank = _Rank.of(model, rates, a, layout, train.seq_len)
+    links = _Links.of(rank, layout, rates, planner.collective_latency_seconds, gpn)
+    layer = _layer(rank, links)
+    zero = _Zero(layout.zero_stage, layout.dp * layout.sp, a, links.zero, links.latency)
+    rope = outside_layers_bytes(
+        model, rank.micro_batch, rank.seq_local, a, first_stage=False, last_stage=False
     )
-
-    # --- one layer's compute ---
-    mm_fwd = 2.0 * tokens * counts.layer_matmul
-    attn_fwd = 2.0 * tokens * seq * q_r
-    elem_fwd = tokens * a * (10 * hidden + 3 * ffn_r + 2 * q_r + 2 * kv_r)
-    overhead = rates.layer_overhead_seconds
-    fwd = (
-        matmul_s(mm_fwd)
-        + attn_fwd / rates.attention
-        + memory_s(elem_fwd)
-        + 2 * tp_allreduce_s
-        + ulysses_s
-        + overhead
-    )
-    bwd = (
-        matmul_s(2 * mm_fwd)
-        + 2.5 * attn_fwd / rates.attention
-        + memory_s(2 * elem_fwd)
-        + 2 * tp_allreduce_s
-        + ulysses_s
-        + overhead
-    )
-    weight_grad = matmul_s(mm_fwd)
-    local_recompute = (
-        matmul_s(2.0 * tokens * (q_r * hidden + 2 * hidden * ffn_r))
-        + memory_s(tokens * a * (8 * hidden + 3 * ffn_r))
-        + tp_allreduce_s
-    )
-    selective_extra = memory_s(tokens * a * (4 * hidden + 3 * ffn_r))
-    anchor = mb * shape.anchor_bytes(seq_local)
-    local_none = mb * shape.local_bytes(seq_local, selective=False)
-    modes = {
-        "none": ModeCost(anchor, local_none, bwd, local_recompute),
-        "selective": ModeCost(
-            anchor,
-            mb * shape.local_bytes(seq_local, selective=True),
-            bwd + selective_extra,
-            local_recompute,
-        ),
-        "full": ModeCost(mb * shape.input_bytes(seq_local), 0.0, bwd + fwd, 0.0),
-    }
-
-    # --- model states and ZeRO traffic ---
+    first, last = _stage_extras(model, rank, zero, layout.pp, rope)
+    # model states per parameter after ZeRO sharding
     per = StateBytesPerParam.of(dtype)
-    z, shard = layout.zero_stage, dp * sp
-    state_per_param = (
-        per.params * _shard_factor(z, 3, shard)
-        + per.grads * _shard_factor(z, 2, shard)
-        + per.optimizer * _shard_factor(z, 1, shard)
+    sharded_params, sharded_optimizer = per.params * zero.shard(3), per.optimizer * zero.shard(1)
+    grads_per_param = per.grads * zero.shard(2)
+    # transient working set (module docstring)
+    psi, hidden, ffn = rank.counts.layer, rank.hidden, rank.ffn
+    workspace = rank.tokens * a * (WORKSPACE_FFN_TENSORS * ffn + WORKSPACE_HIDDEN_TENSORS * hidden)
+    loss_chunk = min(train.loss_chunk_tokens, rank.tokens)
+    loss_transient = (
+        loss_chunk * rank.vocab * (a + 2 * FP32_BYTES) + rank.vocab * hidden * FP32_BYTES
     )
-    grads_per_param = per.grads * _shard_factor(z, 2, shard)
-    staging_per_param = (
-        per.params * _shard_factor(z, 3, shard) + per.optimizer * _shard_factor(z, 1, shard)
-        if checkpointing
-        else 0.0
-    )
-    opt_seconds_per_param = memory_s(ADAM_BYTES_PER_PARAM * _shard_factor(z, 1, shard))
-    f = (shard - 1) / shard
-    psi = counts.layer
-
-    def zero_exposed(params: int, fwd_s: float, bwd_s: float) -> float:
-        if z == 3:
-            gather = f * params * a / zero_link + latency
-            return max(0.0, gather - fwd_s) + max(0.0, 2 * gather - bwd_s)
-        if z == 2:
-            return max(0.0, f * params * a / zero_link + latency - bwd_s)
-        return 0.0
-
-    overlapped_per_param = {0: 2 * f * a, 1: f * a}.get(z, 0.0)
-    exposed_end_per_param = f * a if z in (1, 2) else 0.0
-
-    # --- outside the layers ---
-    rope = outside_layers_bytes(model, mb, seq_local, a, first_stage=False, last_stage=False)
-    first_saved = (
-        outside_layers_bytes(model, mb, seq_local, a, first_stage=True, last_stage=False) - rope
-    )
-    last_saved = (
-        outside_layers_bytes(model, mb, seq_local, a, first_stage=False, last_stage=True) - rope
-    )
-    embed_fwd = memory_s(hidden_bytes)
-    embed_bwd = memory_s(2 * hidden_bytes)
-    logits_mm = 2.0 * tokens * vocab * hidden
-    last_fwd = memory_s(2 * hidden_bytes) + matmul_s(logits_mm)
-    last_bwd = memory_s(4 * hidden_bytes) + matmul_s(3 * logits_mm)
-    last_params = counts.final_norm + counts.output
-    if model.tie_embeddings and pp == 1:
-        last_params = counts.final_norm  # the embedding is the output projection
-    first = StageExtra(
-        params=counts.embedding,
-        saved_bytes=first_saved,
-        forward_seconds=embed_fwd,
-        backward_seconds=embed_bwd,
-        weight_grad_seconds=0.0,
-        zero_exposed_seconds=zero_exposed(counts.embedding, embed_fwd, embed_bwd),
-    )
-    last = StageExtra(
-        params=last_params,
-        saved_bytes=last_saved,
-        forward_seconds=last_fwd,
-        backward_seconds=last_bwd,
-        weight_grad_seconds=matmul_s(logits_mm),
-        zero_exposed_seconds=zero_exposed(
-            max(counts.output, counts.embedding if model.tie_embeddings else 0), last_fwd, last_bwd
-        ),
-    )
-
-    # --- transient working set ---
-    workspace = tokens * a * (WORKSPACE_FFN_TENSORS * ffn_r + WORKSPACE_HIDDEN_TENSORS * hidden)
-    zero_layer = {3: 3 * psi * a, 2: psi * a}.get(z, 0)
-    loss_chunk = min(train.loss_chunk_tokens, tokens)
-    loss_transient = loss_chunk * vocab * (a + 2 * FP32_BYTES) + vocab * hidden * FP32_BYTES
-    output_params = counts.output or counts.embedding
+    output_params = rank.counts.output or rank.counts.embedding
     budget, reserved = gpu_budget_bytes(cluster, planner)
+    none = layer.modes["none"]
     return LayoutCosts(
         layout=layout,
         dtype=dtype,
-        seq_local=seq_local,
-        tokens=tokens,
-        modes=modes,
-        forward_seconds=fwd,
-        weight_grad_seconds=weight_grad,
-        layer_comm_seconds=2 * (2 * tp_allreduce_s + ulysses_s),
-        full_layer_bytes=anchor + local_none,
+        seq_local=rank.seq_local,
+        tokens=rank.tokens,
+        modes=layer.modes,
+        forward_seconds=layer.forward_seconds,
+        weight_grad_seconds=layer.weight_grad_seconds,
+        layer_comm_seconds=2 * (2 * links.tp_allreduce_seconds + links.ulysses_seconds),
+        full_layer_bytes=none.anchor_bytes + none.local_bytes,
         layer_params=psi,
-        state_bytes_per_param=state_per_param,
+        state_bytes_per_param=sharded_params + grads_per_param + sharded_optimizer,
         grads_bytes_per_param=grads_per_param,
         grads_follow_backward=(
             layout.zero_backend == "fsdp2" and layout.pp == 1 and layout.num_microbatches == 1
         ),
-        staging_bytes_per_param=staging_per_param,
-        optimizer_seconds_per_param=opt_seconds_per_param,
-        zero_overlapped_seconds_per_param=overlapped_per_param / zero_link,
-        zero_exposed_end_seconds_per_param=exposed_end_per_param / zero_link,
-        layer_zero_exposed_seconds=zero_exposed(psi, fwd, bwd),
+        staging_bytes_per_param=sharded_params + sharded_optimizer if checkpointing else 0.0,
+        optimizer_seconds_per_param=rank.memory_s(ADAM_BYTES_PER_PARAM * zero.shard(1)),
+        zero_overlapped_seconds_per_param=zero.overlapped_per_param() / zero.link,
+        zero_exposed_end_seconds_per_param=zero.exposed_end_per_param() / zero.link,
+        layer_zero_exposed_seconds=zero.exposed(psi, layer.forward_seconds, layer.backward_seconds),
         first=first,
         last=last,
         chunk_saved_bytes=rope,
-        boundary_bytes=hidden_bytes,
-        p2p_seconds=hidden_bytes / pp_link + latency if pp > 1 else 0.0,
+        boundary_bytes=rank.hidden_bytes,
+        p2p_seconds=rank.hidden_bytes / links.pp + links.latency if layout.pp > 1 else 0.0,
         workspace_bytes=workspace,
-        zero_layer_transient_bytes=zero_layer,
+        zero_layer_transient_bytes={3: 3 * psi * a, 2: psi * a}.get(zero.stage, 0),
         loss_transient_bytes=loss_transient,
-        zero_output_transient_bytes=output_params * a if z == 3 else 0,
+        zero_output_transient_bytes=output_params * a if zero.stage == 3 else 0,
         budget_bytes=budget,
         reserved_bytes=reserved,
         host_budget_bytes=host_budget_bytes(cluster, planner),
         offload=offload_enabled(cluster, planner),
-        full_recompute=not (layout.zero_backend == "deepspeed" and z == 3),
+        full_recompute=full_recompute_runs(layout),
         host_link=rates.host_link,
         gpus_per_node=gpn,
     )

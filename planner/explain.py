@@ -14,7 +14,7 @@ import math
 import time
 
 from configs.schema import Config
-from planner.search import SearchOutcome, layout_candidates, minimum_use, search
+from planner.search import SearchOutcome, layout_candidates, minimum_use, probe
 from planner.units import GIB
 
 PROBE_SECONDS = 2.0
@@ -25,7 +25,7 @@ EXPLAIN_SECONDS = 8.0
 
 def _feasible(cfg: Config) -> bool:
     try:
-        return search(cfg, PROBE_SECONDS, 0.5, first_feasible=True).best is not None
+        return probe(cfg, PROBE_SECONDS).best is not None
     except Exception:  # a changed config may have no executable layout at all
         return False
 

@@ -1,6 +1,7 @@
 """Which layouts the runtime can execute, and the enumeration the plan search walks.
 
-Rules (every emitted plan satisfies all of them; `layout_problems` names the first broken one):
+Rules (every emitted plan satisfies all of them; `layout_problems` names every broken one,
+and the runtime checks the same rules through these functions: parallel/dims.py):
 - world: dp x tp x pp x sp = cluster.num_nodes x cluster.gpus_per_node exactly.
 - tp <= gpus_per_node; tp divides num_heads, num_kv_heads and ffn_size.
 - sp divides num_heads / tp and train.seq_len; with k = num_kv_heads / tp kv heads per tp
@@ -13,6 +14,7 @@ Rules (every emitted plan satisfies all of them; `layout_problems` names the fir
   virtual_stages >= 2; zbv_zero_bubble uses exactly 2; the three multi-stage schedules need
   num_microbatches to be a multiple of pp.
 - zero_backend "deepspeed" only with tp = pp = sp = 1; otherwise "fsdp2".
+- a plan's layers: no full recomputation under DeepSpeed ZeRO-3 (plan_problems).
 The search proposes, in addition: in bf16 with zero_backend "fsdp2", ZeRO-2/3 only (one
 rank: ZeRO-3, FSDP2 on a one-rank mesh). FSDP2 computes in bf16 from fp32 shards, which is
 the planner's accounting (2 + 2 + 12 bytes of states per parameter, bf16 activations); the
@@ -26,12 +28,37 @@ tp innermost; ZeRO shards over the dp x sp ranks.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from configs.errors import ConfigError
 from configs.schema import ClusterConfig, ModelConfig, PlannerConfig, TrainConfig
 from planner.costs import training_dtype
-from planner.plan import Layout
+from planner.modes import full_recompute_runs
+from planner.plan import Layout, Plan
+from planner.schedules import INTERLEAVED, MULTI_STAGE, SINGLE_STAGE
 
-MULTI_STAGE = ("interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble")
+
+@dataclass(frozen=True)
+class Problem:
+    """One broken rule. `key` names the setting at fault and `message` says what is wrong
+    with it (the ConfigError the runtime raises: parallel/dims.py); `text` says both in one
+    phrase (the planner's list, layout_problems), where it differs from `message`."""
+
+    key: str
+    message: str
+    text: str = ""
+
+    def __str__(self) -> str:
+        return self.text or self.message
+
+    def error(self) -> ConfigError:
+        return ConfigError(self.key, self.message)
+
+
+def raise_first(problems: list[Problem]) -> None:
+    """Raise the ConfigError of the first problem, if any."""
+    if problems:
+        raise problems[0].error()
 
 
 def divisors(n: int) -> list[int]:
@@ -39,62 +66,155 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def world_problems(
+    dp: int, tp: int, pp: int, sp: int, world_size: int, world: str
+) -> list[Problem]:
+    """dp x tp x pp x sp = `world_size` exactly (`world` names where that number comes from)."""
+    product = dp * tp * pp * sp
+    if product == world_size:
+        return []
+    return [Problem("layout", f"dp*tp*pp*sp={dp}*{tp}*{pp}*{sp}={product} != {world}={world_size}")]
+
+
+def model_problems(model: ModelConfig, tp: int, sp: int, seq_len: int) -> list[Problem]:
+    """Head, kv-head, FFN and sequence divisibility for tensor and Ulysses parallelism."""
+    problems = [
+        Problem("layout.tp", f"model.{key}={getattr(model, key)} not divisible by tp={tp}")
+        for key in ("num_heads", "num_kv_heads", "ffn_size")
+        if getattr(model, key) % tp
+    ]
+    if not problems:
+        heads, kv = model.num_heads // tp, model.num_kv_heads // tp
+        if heads % sp:
+            problems.append(Problem("layout.sp", f"num_heads/tp={heads} not divisible by sp={sp}"))
+        if kv % sp and sp % kv:
+            problems.append(
+                Problem(
+                    "layout.sp",
+                    f"num_kv_heads/tp={kv} and sp={sp}: neither divides the other (Ulysses "
+                    "splits the kv heads or replicates them)",
+                )
+            )
+    if seq_len % sp:
+        problems.append(Problem("layout.sp", f"train.seq_len={seq_len} not divisible by sp={sp}"))
+    return problems
+
+
+def batch_problems(layout: Layout, global_batch_size: int) -> list[Problem]:
+    """global_batch_size = dp x micro_batch_size x num_microbatches."""
+    dp, micro, g = layout.dp, layout.micro_batch_size, layout.num_microbatches
+    if dp * micro * g == global_batch_size:
+        return []
+    return [
+        Problem(
+            "layout",
+            f"dp*micro_batch_size*num_microbatches={dp}*{micro}*{g} != "
+            f"global_batch_size={global_batch_size}",
+        )
+    ]
+
+
+VIRTUAL_STAGES = {
+    "none": ("=", 1),
+    **{schedule: ("=", 1) for schedule in SINGLE_STAGE},
+    **{schedule: (">=", 2) for schedule in INTERLEAVED},
+    "zbv_zero_bubble": ("=", 2),
+}
+"""virtual_stages each pipeline schedule runs: (relation, number)."""
+
+
+def schedule_problems(layout: Layout) -> list[Problem]:
+    """Micro-batches per pp rank, virtual stages per schedule (VIRTUAL_STAGES), and the
+    multi-stage schedules' micro-batch multiple."""
+    pp, g, v = layout.pp, layout.num_microbatches, layout.virtual_stages
+    schedule = layout.pp_schedule
+    problems = []
+    if pp > 1 and g < pp:
+        problems.append(
+            Problem("layout.num_microbatches", f"{g} < pp={pp}", f"num_microbatches={g} < pp={pp}")
+        )
+    relation, need = VIRTUAL_STAGES[schedule]
+    if not (v >= need if relation == ">=" else v == need):
+        wanted = f"{need}" if relation == "=" else f"{relation} {need}"
+        problems.append(
+            Problem(
+                "layout.virtual_stages",
+                f"pp_schedule={schedule} needs {wanted}, got {v}",
+                f"pp_schedule={schedule} needs virtual_stages{relation}{need}, got {v}",
+            )
+        )
+    if schedule in MULTI_STAGE and g % pp:
+        problems.append(
+            Problem(
+                "layout.num_microbatches",
+                f"pp_schedule={schedule} needs num_microbatches={g} divisible by pp={pp}",
+            )
+        )
+    return problems
+
+
+def backend_problems(layout: Layout) -> list[Problem]:
+    """zero_backend "deepspeed" only with tp = pp = sp = 1."""
+    tp, pp, sp = layout.tp, layout.pp, layout.sp
+    if layout.zero_backend != "deepspeed" or (tp, pp, sp) == (1, 1, 1):
+        return []
+    message = f"deepspeed needs tp=pp=sp=1, got tp={tp} pp={pp} sp={sp}"
+    return [Problem("layout.zero_backend", message, f"zero_backend={message}")]
+
+
+def plan_problems(plan: Plan) -> list[Problem]:
+    """What the runtime checks of a finished plan beyond the model (parallel/dims.py): the
+    batch arithmetic, the schedule rules, the backend's limits and the layers' modes."""
+    layout = plan.layout
+    problems = batch_problems(layout, plan.train.global_batch_size)
+    problems += schedule_problems(layout) + backend_problems(layout)
+    if not full_recompute_runs(layout):
+        full = [layer.index for layer in plan.layers if layer.recompute == "full"]
+        if full:
+            problems.append(
+                Problem(
+                    f"layers[{full[0]}].recompute",
+                    "full recomputation does not run under zero_backend=deepspeed with "
+                    "zero_stage=3 (DeepSpeed releases the parameters the recomputed layer "
+                    "needs in backward); use zero_backend=fsdp2, zero_stage<=2 or selective",
+                )
+            )
+    return problems
+
+
 def layout_problems(
     layout: Layout, model: ModelConfig, cluster: ClusterConfig, train: TrainConfig
 ) -> list[str]:
     """Why the runtime cannot execute `layout` for this model/cluster/batch (empty: it can)."""
-    problems = []
     tp, sp, pp, dp = layout.tp, layout.sp, layout.pp, layout.dp
-    v, g, schedule = layout.virtual_stages, layout.num_microbatches, layout.pp_schedule
-    if layout.world_size != cluster.world_size:
-        problems.append(
-            f"dp*tp*pp*sp={dp}*{tp}*{pp}*{sp}={layout.world_size} != "
-            f"num_nodes*gpus_per_node={cluster.world_size}"
-        )
+    v = layout.virtual_stages
+    problems = world_problems(dp, tp, pp, sp, cluster.world_size, "num_nodes*gpus_per_node")
     if tp > cluster.gpus_per_node:
-        problems.append(f"tp={tp} exceeds gpus_per_node={cluster.gpus_per_node}")
-    for key in ("num_heads", "num_kv_heads", "ffn_size"):
-        if getattr(model, key) % tp:
-            problems.append(f"model.{key}={getattr(model, key)} not divisible by tp={tp}")
-    if not problems:
-        heads, kv = model.num_heads // tp, model.num_kv_heads // tp
-        if heads % sp:
-            problems.append(f"num_heads/tp={heads} not divisible by sp={sp}")
-        if kv % sp and sp % kv:
-            problems.append(f"num_kv_heads/tp={kv} and sp={sp}: neither divides the other")
-    if train.seq_len % sp:
-        problems.append(f"train.seq_len={train.seq_len} not divisible by sp={sp}")
+        problems.append(
+            Problem("layout.tp", f"tp={tp} exceeds gpus_per_node={cluster.gpus_per_node}")
+        )
+    problems += model_problems(model, tp, sp, train.seq_len)
     if pp * v > model.num_layers:
-        problems.append(f"pp*virtual_stages={pp * v} exceeds num_layers={model.num_layers}")
-    if dp * layout.micro_batch_size * g != train.global_batch_size:
         problems.append(
-            f"dp*micro_batch_size*num_microbatches={dp}*{layout.micro_batch_size}*{g} != "
-            f"global_batch_size={train.global_batch_size}"
+            Problem("layout", f"pp*virtual_stages={pp * v} exceeds num_layers={model.num_layers}")
         )
-    if train.micro_batch_size is not None and layout.micro_batch_size != train.micro_batch_size:
+    problems += batch_problems(layout, train.global_batch_size)
+    micro = layout.micro_batch_size
+    if train.micro_batch_size is not None and micro != train.micro_batch_size:
         problems.append(
-            f"micro_batch_size={layout.micro_batch_size} != "
-            f"train.micro_batch_size={train.micro_batch_size}"
+            Problem(
+                "layout.micro_batch_size",
+                f"micro_batch_size={micro} != train.micro_batch_size={train.micro_batch_size}",
+            )
         )
-    if pp > 1 and g < pp:
-        problems.append(f"num_microbatches={g} < pp={pp}")
-    if schedule in ("none", "gpipe", "1f1b") and v != 1:
-        problems.append(f"pp_schedule={schedule} needs virtual_stages=1, got {v}")
-    if schedule in ("interleaved_1f1b", "interleaved_zero_bubble") and v < 2:
-        problems.append(f"pp_schedule={schedule} needs virtual_stages>=2, got {v}")
-    if schedule == "zbv_zero_bubble" and v != 2:
-        problems.append(f"pp_schedule=zbv_zero_bubble needs virtual_stages=2, got {v}")
-    if schedule in MULTI_STAGE and g % pp:
-        problems.append(f"pp_schedule={schedule} needs num_microbatches={g} divisible by pp={pp}")
-    if layout.zero_backend == "deepspeed" and (tp, pp, sp) != (1, 1, 1):
-        problems.append(f"zero_backend=deepspeed needs tp=pp=sp=1, got tp={tp} pp={pp} sp={sp}")
-    return problems
+    problems += schedule_problems(layout) + backend_problems(layout)
+    return [str(problem) for problem in problems]
 
 
 def check_layout(
     layout: Layout, model: ModelConfig, cluster: ClusterConfig, train: TrainConfig
 ) -> None:
-    """Raise ConfigError naming the first rule `layout` breaks."""
+    """Raise ConfigError naming every rule `layout` breaks."""
     problems = layout_problems(layout, model, cluster, train)
     if problems:
         raise ConfigError("layout", "; ".join(problems))
@@ -108,7 +228,7 @@ def _schedules(pp: int, g: int, layers: int, planner: PlannerConfig) -> list[tup
         return []
     choices = []
     for schedule in planner.pp_schedules:
-        if schedule in ("gpipe", "1f1b"):
+        if schedule in SINGLE_STAGE:
             choices.append((schedule, 1))
         elif g % pp:
             continue

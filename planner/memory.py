@@ -45,24 +45,12 @@ def predict_layer_activation_bytes(plan: Plan, cfg: Config) -> list[LayerActivat
     ]
 
 
-def _stage_constant_bytes(costs: LayoutCosts, c: int, num_stages: int) -> float:
-    last = num_stages - 1
-    boundary = (c > 0) + (c < last) if costs.layout.pp > 1 else 0
-    saved = costs.chunk_saved_bytes + boundary * costs.boundary_bytes
-    saved += costs.first.saved_bytes if c == 0 else 0
-    saved += costs.last.saved_bytes if c == last else 0
-    return saved
-
-
 def rank_params(costs: LayoutCosts, stages: StageMap, groups: list[list[LayerPlan]], p: int) -> int:
     """Parameters held by one GPU of pp rank p (its tp shard of its stages)."""
-    last = stages.num_stages - 1
-    total = 0
-    for c in stages.rank_stages[p]:
-        total += costs.layer_params * len(groups[c])
-        total += costs.first.params if c == 0 else 0
-        total += costs.last.params if c == last else 0
-    return total
+    return sum(
+        costs.layer_params * len(groups[c]) + costs.stage_extra_params(c, stages.num_stages)
+        for c in stages.rank_stages[p]
+    )
 
 
 def _rematerialises(layers: list[LayerPlan]) -> bool:
@@ -109,7 +97,7 @@ def predict_stage_memory(plan: Plan, cfg: Config) -> list[PipelineRankMemory]:
         grads_pending = 0.0
         if costs.grads_follow_backward:  # pp = 1: one rank, one stage, one micro-batch
             layer_transient, loss_transient = phases[0], phases[-1]
-            constant = _stage_constant_bytes(costs, 0, stages.num_stages)
+            constant = costs.stage_constant_bytes(0, stages.num_stages)
             act, grads_live, transient = _peak_as_gradients_arrive(
                 costs, mine, per_layer, constant, layer_transient, loss_transient
             )
@@ -118,7 +106,7 @@ def predict_stage_memory(plan: Plan, cfg: Config) -> list[PipelineRankMemory]:
             best = (-1.0, 0.0, 0.0)
             for vec in stages.inflight[p]:
                 act = sum(
-                    count * (device[c] + _stage_constant_bytes(costs, c, stages.num_stages))
+                    count * (device[c] + costs.stage_constant_bytes(c, stages.num_stages))
                     for count, c in zip(vec, chunk_list, strict=True)
                 )
                 for transient in phases:

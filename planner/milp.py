@@ -19,59 +19,30 @@ said otherwise):
     f, b_m, w           forward, backward (with mode m's own recompute), weight-grad seconds
     r                   seconds to recompute every token's local part of one layer
     bw                  host link bytes/s
+
+LayoutMilp builds the problem (variables, constraints, objective); solve() runs one bounded
+solve and reads the status by name; read() makes the MilpResult. solve_layout runs them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
 
 import pulp
 
 from planner.costs import LayoutCosts
-from planner.schedules import INTERLEAVED, ZERO_BUBBLE, StageMap
+from planner.modes import BACKWARD_GROUP_ORDER, RECOMPUTE_MODES, SPLIT_MODES
+from planner.schedules import StageMap, pipeline_step
+from planner.solution import CUT_OFF, MilpResult, Solved, StageChoice, round_split
 
-SPLIT_MODES = ("none", "selective")
-"""Modes whose token-local tensors can be split into offloaded / recomputed / kept tokens."""
 ROUNDING_MARGIN_BYTES = 2**20
 """Slack for token rounding and shard padding in the exact evaluation of the plan."""
 UNIT = 2**30
 """Bytes per unit of the memory rows (GiB)."""
-
-
-@dataclass(frozen=True)
-class StageChoice:
-    """The solution for one pipeline stage: layers per mode and fraction sums per mode."""
-
-    layers: dict[str, int]
-    offload_sum: dict[str, float]
-    recompute_sum: dict[str, float]
-    anchor_offload_sum: dict[str, float]
-
-
-@dataclass(frozen=True)
-class MilpResult:
-    """Outcome of one solve; `stages` is empty unless a solution was found."""
-
-    status: str
-    """pulp.LpStatus name of the solve."""
-    solution_status: str
-    """pulp.LpSolution name (optimal, or a feasible solution at the time/gap limit)."""
-    objective: float
-    seconds: float
-    stages: tuple[StageChoice, ...] = field(default_factory=tuple)
-    time_limited: bool = False
-    """The solve stopped at its time limit (the solution, if any, is not proven optimal)."""
-
-    @property
-    def found(self) -> bool:
-        return bool(self.stages)
-
 
 _BANNER_SILENCED = False
 
@@ -126,6 +97,449 @@ def _solver(
         )
 
 
+class LayoutMilp:
+    """The MILP of one layout. Constructing it builds the problem: the decision variables
+    (below), the constraints (the _add_*_rows methods) and the objective; solve() and read()
+    may then run several times (solve_layout fixes the layer split for a first incumbent)."""
+
+    def __init__(
+        self,
+        costs: LayoutCosts,
+        stages: StageMap,
+        num_layers: int,
+        objective: str = "time",
+        floors: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    ) -> None:
+        self.costs, self.stages, self.objective = costs, stages, objective
+        self.num_layers = L = num_layers
+        self.num_stages = S = stages.num_stages
+        pp = costs.layout.pp
+        self.prob = pulp.LpProblem("memplan_layout", pulp.LpMinimize)
+        self.most = most = L - S + 1  # layers one stage can hold: the big-M of the indicators
+        add = self.prob.add_variable
+        offload_most = L if costs.offload else 0
+
+        def per_group(
+            symbol: str, modes: tuple, high: dict | float | None, cat: str = pulp.LpContinuous
+        ) -> dict[int, dict[str, pulp.LpVariable]]:
+            """symbol_{c}_{m} >= 0 for every stage c and mode m (upper bound `high`)."""
+            highs = high if isinstance(high, dict) else dict.fromkeys(modes, high)
+            return {
+                c: {m: add(f"{symbol}_{c}_{m}", 0, highs[m], cat=cat) for m in modes}
+                for c in range(S)
+            }
+
+        def per_rank(symbol: str, modes: tuple) -> list[dict[str, pulp.LpVariable]]:
+            """Binary symbol_{p}_{m} for every pp rank p and mode m."""
+            return [
+                {m: add(f"{symbol}_{p}_{m}", cat=pulp.LpBinary) for m in modes} for p in range(pp)
+            ]
+
+        # ---------------------------------------------------------------- decision variables
+        # The LP names are the symbols: PuLP orders the columns by name, and the solver's path
+        # with them (renamed columns can end a solve at another of several equal optima).
+        # N[c] ∈ Z, 1..L-S+1: number of layers of stage c (branching on it first pays off)
+        self.stage_layers = {c: add(f"N_{c}", 1, most, cat=pulp.LpInteger) for c in range(S)}
+        # n[c][m] ∈ Z≥0: number of layers of stage c that use recompute mode m (no "full" where
+        # the layout cannot run it)
+        full = costs.full_recompute
+        mode_most = {m: most if m != "full" or full else 0 for m in RECOMPUTE_MODES}
+        self.mode_layers = per_group("n", RECOMPUTE_MODES, mode_most, cat=pulp.LpInteger)
+        # A[c][m] ∈ [0, L]: sum over those layers of offload_fraction (token-local tensors)
+        self.offload_sum = per_group("A", SPLIT_MODES, offload_most)
+        # R[c][m] ∈ [0, L]: sum over those layers of recompute_fraction (token-wise recompute)
+        self.recompute_sum = per_group("R", SPLIT_MODES, L)
+        # Bq[c][m] ∈ [0, L]: sum over those layers of anchor_offload_fraction
+        self.anchor_offload_sum = per_group("Bq", RECOMPUTE_MODES, offload_most)
+        # Xf[c][m] ≥ 0: host-transfer seconds of the group not hidden behind its forward
+        self.exposed_forward = per_group("Xf", RECOMPUTE_MODES, None)
+        # Xb[c][m] ≥ 0: host-transfer seconds of the group not hidden behind its backward
+        self.exposed_backward = per_group("Xb", RECOMPUTE_MODES, None)
+        # y[p] ∈ {0, 1}: rank p offloads or recomputes something (its backward re-materialises)
+        self.rematerialises = [add(f"y_{p}", cat=pulp.LpBinary) for p in range(pp)]
+        # uA[p][m] ∈ {0, 1}: rank p offloads token-local tensors of mode-m layers
+        self.offloads_local = per_rank("uA", SPLIT_MODES)
+        # uB[p][m] ∈ {0, 1}: rank p offloads anchors of mode-m layers
+        self.offloads_anchor = per_rank("uB", RECOMPUTE_MODES)
+        # prefetch[p] ≥ 0: GiB of the next layer prefetched from the host during a backward
+        # on rank p
+        self.prefetch_gib = [add(f"prefetch_{p}", 0) for p in range(pp)]
+        # host[p] ≥ 0: peak offloaded GiB of one GPU of pp rank p (all in-flight micro-batches)
+        self.host_gib = [add(f"host_{p}", 0) for p in range(pp)]
+        # M: the slowest stage's time per micro-batch (lower bound: the best integer layer
+        # split without any recompute, `floors`)
+        self.max_stage_seconds = add("max_stage_seconds", floors[0])
+        # Mr: the busiest rank's time per micro-batch (lower bound likewise)
+        self.max_rank_seconds = add("max_rank_seconds", floors[1])
+        # Mz: the largest zero-bubble residue F + B - 3W of a stage (lower bound likewise)
+        self.max_zero_bubble_seconds = add("max_zero_bubble_seconds", floors[2])
+        # tail ≥ 0: optimizer step + end-of-step ZeRO traffic not hidden (slowest rank)
+        self.tail_seconds = add("tail_seconds", 0)
+        # peak ≥ 0 (objective "gpu" only): the per-GPU peak GiB, minimised
+        self.peak_gib = add("peak_gib", 0) if objective == "gpu" else None
+        # host_peak ≥ 0 (objective "host" only): the host GiB of the fullest node, minimised
+        self.host_peak_gib = add("host_peak_gib", 0) if objective == "host" else None
+
+        self._add_stage_times()
+        self._add_layer_rows()
+        self._add_indicator_rows()
+        self._add_transfer_rows()
+        self._add_gpu_memory_rows()
+        self._add_host_memory_rows()
+        self._add_latency_rows()
+        self._add_tail_rows()
+        self._set_objective()
+
+    # -------------------------------------------------------------------- expressions
+    # memory rows are written in GiB (UNIT): byte-sized coefficients next to seconds-sized
+    # ones make the solver's tolerances meaningless
+
+    def anchor_gib(self, m: str) -> float:
+        """anchor_m in GiB."""
+        return self.costs.modes[m].anchor_bytes / UNIT
+
+    def local_gib(self, m: str) -> float:
+        """local_m in GiB."""
+        return self.costs.modes[m].local_bytes / UNIT
+
+    def kept_group_gib(self, c: int, m: str) -> pulp.LpAffineExpression:
+        """Device-resident saved bytes of stage c's mode-m layers (one micro-batch)."""
+        n, anchor_offload = self.mode_layers[c][m], self.anchor_offload_sum[c][m]
+        if m in SPLIT_MODES:
+            offload, recompute = self.offload_sum[c][m], self.recompute_sum[c][m]
+            return self.anchor_gib(m) * (n - anchor_offload) + self.local_gib(m) * (
+                n - offload - recompute
+            )
+        return self.anchor_gib(m) * (n - anchor_offload)
+
+    def kept_gib(self, c: int) -> pulp.LpAffineExpression:
+        return pulp.lpSum(self.kept_group_gib(c, m) for m in RECOMPUTE_MODES)
+
+    def host_group_gib(self, c: int, m: str) -> pulp.LpAffineExpression:
+        """Offloaded bytes of stage c's mode-m layers (one micro-batch)."""
+        offloaded = self.local_gib(m) * self.offload_sum[c][m] if m in SPLIT_MODES else 0
+        return self.anchor_gib(m) * self.anchor_offload_sum[c][m] + offloaded
+
+    def rank_params(self, p: int) -> pulp.LpAffineExpression:
+        """Parameters of pp rank p: its stages' layers plus the first/last-stage extras."""
+        costs, S = self.costs, self.num_stages
+        return pulp.lpSum(
+            costs.layer_params * self.stage_layers[c] + costs.stage_extra_params(c, S)
+            for c in self.stages.rank_stages[p]
+        )
+
+    def stage_constant_gib(self, c: int) -> float:
+        return self.costs.stage_constant_bytes(c, self.num_stages) / UNIT
+
+    def _add_stage_times(self) -> None:
+        """F_c, B_c, W_c and t_c = F_c + B_c of every stage, per micro-batch."""
+        costs, cost, last = self.costs, self.costs.modes, self.num_stages - 1
+        N, n, R = self.stage_layers, self.mode_layers, self.recompute_sum
+        Xf, Xb = self.exposed_forward, self.exposed_backward
+        stages = range(self.num_stages)
+        self.forward_s = {
+            c: costs.forward_seconds * N[c]
+            + (costs.first.forward_seconds if c == 0 else 0)
+            + (costs.last.forward_seconds if c == last else 0)
+            + (costs.p2p_seconds if c < last else 0)
+            for c in stages
+        }
+        self.backward_s = {
+            c: pulp.lpSum(cost[m].backward_seconds * n[c][m] for m in RECOMPUTE_MODES)
+            + pulp.lpSum(cost[m].local_recompute_seconds * R[c][m] for m in SPLIT_MODES)
+            + pulp.lpSum(Xf[c][m] + Xb[c][m] for m in RECOMPUTE_MODES)
+            + costs.layer_zero_exposed_seconds * N[c]
+            + (costs.first.backward_seconds + costs.first.zero_exposed_seconds if c == 0 else 0)
+            + (costs.last.backward_seconds + costs.last.zero_exposed_seconds if c == last else 0)
+            + (costs.p2p_seconds if c > 0 else 0)
+            for c in stages
+        }
+        self.weight_grad_s = {
+            c: costs.weight_grad_seconds * N[c]
+            + (costs.last.weight_grad_seconds if c == last else 0)
+            for c in stages
+        }
+        self.stage_s = {c: self.forward_s[c] + self.backward_s[c] for c in stages}
+
+    # --------------------------------------------------------------------- constraints
+    def _add_layer_rows(self) -> None:
+        prob, N, n = self.prob, self.stage_layers, self.mode_layers
+        A, R, Bq = self.offload_sum, self.recompute_sum, self.anchor_offload_sum
+        # [Constraint] every layer sits in exactly one stage (every stage has at least one:
+        #   N's lower bound), and a stage's layers are split over the recompute modes
+        prob += pulp.lpSum(N.values()) == self.num_layers, "all_layers_assigned"
+        for c in range(self.num_stages):
+            prob += pulp.lpSum(n[c].values()) == N[c], f"stage{c}_layers_split_over_modes"
+
+        # [Constraint] per layer: offload_fraction + recompute_fraction <= 1, anchor fraction <= 1
+        #   summed over a (stage, mode) group of n layers:  A + R <= n,  Bq <= n
+        for c in range(self.num_stages):
+            for m in SPLIT_MODES:
+                prob += A[c][m] + R[c][m] <= n[c][m], f"stage{c}_{m}_local_split_fits_layers"
+            for m in RECOMPUTE_MODES:
+                prob += Bq[c][m] <= n[c][m], f"stage{c}_{m}_anchor_split_fits_layers"
+
+    def _add_indicator_rows(self) -> None:
+        prob, n, most = self.prob, self.mode_layers, self.most
+        A, R, Bq = self.offload_sum, self.recompute_sum, self.anchor_offload_sum
+        y, uA, uB = self.rematerialises, self.offloads_local, self.offloads_anchor
+        # [Constraint] y[p] = 1 when rank p offloads or recomputes anything (big-M: 3 x most)
+        #   original: y[p] = OR(A > 0, R > 0, Bq > 0, n_selective > 0, n_full > 0)
+        for p, chunk_list in enumerate(self.stages.rank_stages):
+            for c in chunk_list:
+                touched = pulp.lpSum(A[c].values()) + pulp.lpSum(R[c].values())
+                touched += pulp.lpSum(Bq[c].values()) + n[c]["selective"] + n[c]["full"]
+                prob += touched <= 3 * most * y[p], f"rank{p}_stage{c}_rematerialise_flag"
+
+        # [Constraint] uA / uB = 1 when rank p offloads local tensors / anchors of mode m;
+        #   prefetch[p] >= the largest per-layer prefetch:
+        #     max_m (anchor_m uB[p][m] + local_m uA[p][m])
+        #   original: prefetch = max over p's layers l of host_bytes(l), bounded by whole tensors
+        for p, chunk_list in enumerate(self.stages.rank_stages):
+            for c in chunk_list:
+                for m in SPLIT_MODES:
+                    prob += A[c][m] <= most * uA[p][m], f"rank{p}_stage{c}_{m}_local_offload_flag"
+                for m in RECOMPUTE_MODES:
+                    prob += Bq[c][m] <= most * uB[p][m], f"rank{p}_stage{c}_{m}_anchor_offload_flag"
+            for m in RECOMPUTE_MODES:
+                fetched = self.local_gib(m) * uA[p][m] if m in SPLIT_MODES else 0
+                most_fetched = self.anchor_gib(m) * uB[p][m] + fetched
+                prob += self.prefetch_gib[p] >= most_fetched, f"rank{p}_{m}_prefetch_bound"
+
+    def _add_transfer_rows(self) -> None:
+        costs, cost, n, R = self.costs, self.costs.modes, self.mode_layers, self.recompute_sum
+        # [Constraint] exposed host transfer, per (stage, mode) group, forward and backward
+        #   original per layer: Xf_l = max(0, host_l / bw - f),  Xb_l = max(0, host_l / bw - b_l)
+        bw = costs.host_link / UNIT
+        for c in range(self.num_stages):
+            for m in RECOMPUTE_MODES:
+                rec = cost[m].local_recompute_seconds * R[c][m] if m in SPLIT_MODES else 0
+                host = self.host_group_gib(c, m)
+                self.prob += (
+                    self.exposed_forward[c][m] >= host / bw - costs.forward_seconds * n[c][m],
+                    f"stage{c}_{m}_exposed_forward_transfer",
+                )
+                self.prob += (
+                    self.exposed_backward[c][m]
+                    >= host / bw - cost[m].backward_seconds * n[c][m] - rec,
+                    f"stage{c}_{m}_exposed_backward_transfer",
+                )
+
+    def _add_gpu_row(self, total: pulp.LpAffineExpression, name: str, budget: float) -> None:
+        """total <= the GPU budget, or (objective "gpu") peak >= total."""
+        if self.peak_gib is not None:
+            self.prob.addConstraint(self.peak_gib >= total, f"{name}_gpu_peak")
+        else:
+            self.prob.addConstraint(total <= budget, f"{name}_gpu_memory")
+
+    def _add_gpu_memory_rows(self) -> None:
+        costs, last = self.costs, self.num_stages - 1
+        budget = (costs.budget_bytes - ROUNDING_MARGIN_BYTES) / UNIT
+        # [Constraint] GPU peak per rank: for every maximal in-flight vector t of rank p
+        #   states + sum_c t_c (kept_c + constants_c) + buffers + transient <= budget
+        #   transient = max(layer backward phase, loss phase); the layer phase holds one layer's
+        #   re-materialised tensors when y[p] = 1 plus the next layer's prefetch[p]
+        buffers = (2 * costs.boundary_bytes if costs.layout.pp > 1 else 0.0) / UNIT
+        layer_phase = (costs.workspace_bytes + costs.zero_layer_transient_bytes) / UNIT
+        loss_phase = (costs.loss_transient_bytes + costs.zero_output_transient_bytes) / UNIT
+        full_layer = costs.full_layer_bytes / UNIT
+        for p, chunk_list in enumerate(self.stages.rank_stages):
+            states = costs.state_bytes_per_param / UNIT * self.rank_params(p)
+            phases = {
+                "layer_backward": layer_phase
+                + full_layer * self.rematerialises[p]
+                + self.prefetch_gib[p]
+            }
+            if last in chunk_list:
+                phases["loss"] = loss_phase
+            if costs.grads_follow_backward:
+                self._add_one_backward_rows(p, states, list(phases.values()), budget)
+                continue
+            for k, vec in enumerate(self.stages.inflight[p]):
+                act = pulp.lpSum(
+                    count * (self.kept_gib(c) + self.stage_constant_gib(c))
+                    for count, c in zip(vec, chunk_list, strict=True)
+                    if count
+                )
+                for phase, transient in phases.items():
+                    name = f"rank{p}_inflight_vector{k}_{phase}_phase"
+                    self._add_gpu_row(states + act + buffers + transient, name, budget)
+
+    def _add_one_backward_rows(
+        self, p: int, states: pulp.LpAffineExpression, phases: list, budget: float
+    ) -> None:
+        """The GPU rows of a step whose gradients follow its one backward."""
+        costs, n = self.costs, self.mode_layers
+        # [Constraint] GPU peak of a step whose gradients follow its backward:
+        # One micro-batch, no pipeline (one rank, one stage): gradients appear during
+        # backward as activations are freed. Backward runs the loss, then the layers
+        # last to first: by mode group "none", "selective", "full" (BACKWARD_GROUP_ORDER:
+        # layer_policies emits a stage's layers in STAGE_LAYER_ORDER), then the embedding.
+        # Within a group of identical layers the live bytes change linearly, so the group's
+        # boundaries bound them: at each boundary b (0: before any layer, 3: after the last)
+        #   states - grads + constants + kept(groups not yet run) + grads(output layer
+        #   + layers run) + one layer's grads + layer transient <= budget
+        # plus the loss phase (all kept, output-layer grads, loss transient) and the
+        # embedding's backward (all layer grads + its own).
+        per = costs.grads_bytes_per_param / UNIT
+        layer_grads = per * costs.layer_params
+        base = states - per * self.rank_params(p) + self.stage_constant_gib(0)
+        base += per * costs.last.params
+        kept = {m: self.kept_group_gib(0, m) for m in RECOMPUTE_MODES}
+        self._add_gpu_row(base + pulp.lpSum(kept.values()) + phases[-1], f"rank{p}_loss", budget)
+        backward = BACKWARD_GROUP_ORDER
+        for b in range(len(backward) + 1):
+            waiting, ran = backward[b:], backward[:b]
+            live = base + pulp.lpSum(kept[m] for m in waiting)
+            live += layer_grads * pulp.lpSum(n[0][m] for m in ran)
+            name = f"rank{p}_backward_group_boundary{b}"
+            self._add_gpu_row(live + layer_grads + phases[0], name, budget)
+        embedding = base + layer_grads * self.stage_layers[0] + per * costs.first.params
+        self._add_gpu_row(embedding, f"rank{p}_embedding_backward", budget)
+
+    def _add_host_memory_rows(self) -> None:
+        costs, stages, host = self.costs, self.stages, self.host_gib
+        # [Constraint] host RAM: host[p] >= offloaded bytes of every in-flight vector of rank p,
+        #   and per node: sum over its GPUs of (host + checkpoint staging) <= host budget
+        for p, chunk_list in enumerate(stages.rank_stages):
+            for k, vec in enumerate(stages.inflight[p]):
+                offloaded = pulp.lpSum(
+                    count * self.host_group_gib(c, m)
+                    for count, c in zip(vec, chunk_list, strict=True)
+                    if count
+                    for m in RECOMPUTE_MODES
+                )
+                self.prob += host[p] >= offloaded, f"rank{p}_inflight_vector{k}_offloaded_gib"
+        # token rounding (planner/assemble.py snaps offloaded tokens up) adds at most two
+        # tokens per layer and in-flight micro-batch to each GPU's host bytes
+        token_bytes = costs.full_layer_bytes / costs.seq_local
+        most_inflight = max(sum(vec) for rank in stages.inflight for vec in rank)
+        rounding = 2 * self.num_layers * token_bytes * most_inflight * costs.gpus_per_node
+        host_budget = (costs.host_budget_bytes - ROUNDING_MARGIN_BYTES - rounding) / UNIT
+        for k, gpus in enumerate(stages.node_gpus):
+            node = pulp.lpSum(
+                count * (host[p] + costs.staging_bytes_per_param / UNIT * self.rank_params(p))
+                for p, count in enumerate(gpus)
+                if count
+            )
+            if self.host_peak_gib is not None:
+                self.prob += self.host_peak_gib >= node, f"node_kind{k}_host_peak"
+            elif self.objective == "gpu":
+                continue
+            else:
+                self.prob += node <= host_budget, f"node_kind{k}_host_memory"
+
+    def _add_latency_rows(self) -> None:
+        prob, M, Mr = self.prob, self.max_stage_seconds, self.max_rank_seconds
+        Mz = self.max_zero_bubble_seconds
+        # [Constraint] pipeline latency epigraphs (planner/schedules.py has the formulas)
+        #   M >= t_c,  Mr >= sum of rank p's t_c,  Mz >= F_c + B_c - 3 W_c
+        #   original: M = max_c t_c,  Mr = max_p sum_c t_c,  Mz = max_c (F_c + B_c - 3 W_c)
+        for c in range(self.num_stages):
+            prob += self.stage_s[c] <= M, f"stage{c}_within_max_stage_seconds"
+            residue = self.forward_s[c] + self.backward_s[c] - 3 * self.weight_grad_s[c]
+            prob += Mz >= residue, f"stage{c}_within_max_zero_bubble_seconds"
+        for p, chunk_list in enumerate(self.stages.rank_stages):
+            busy = pulp.lpSum(self.stage_s[c] for c in chunk_list)
+            prob += Mr >= busy, f"rank{p}_within_max_rank_seconds"
+
+    def _add_tail_rows(self) -> None:
+        costs, tail = self.costs, self.tail_seconds
+        # [Constraint] step tail: optimizer + exposed end-of-step ZeRO traffic, slowest rank
+        #   original: tail = max_p (opt_p + exposed_p + max(0, overlapped_p - backward_p))
+        for p, chunk_list in enumerate(self.stages.rank_stages):
+            params = self.rank_params(p)
+            per_param = costs.optimizer_seconds_per_param + costs.zero_exposed_end_seconds_per_param
+            base = per_param * params
+            overlapped = costs.zero_overlapped_seconds_per_param * params
+            self.prob += tail >= base, f"rank{p}_tail_seconds"
+            backward = pulp.lpSum(self.backward_s[c] for c in chunk_list)
+            self.prob += tail >= base + overlapped - backward, f"rank{p}_tail_after_overlap"
+
+    # ---------------------------------------------------------------------- objective
+    def _set_objective(self) -> None:
+        """The step time (planner/schedules.py's latency formula + the tail); for "gpu" and
+        "host" the peak to minimise, with the step time as a tie-breaker."""
+        lay = self.costs.layout
+        step = pipeline_step(
+            lay.pp_schedule,
+            lay.pp,
+            lay.num_microbatches,
+            stage_sum=pulp.lpSum(self.stage_s.values()),
+            stage_max=self.max_stage_seconds,
+            rank_max=self.max_rank_seconds,
+            residue_max=self.max_zero_bubble_seconds,
+        )
+        step = step + self.tail_seconds
+        if self.peak_gib is not None:
+            self.prob += self.peak_gib + 1e-6 * step
+        elif self.host_peak_gib is not None:
+            self.prob += self.host_peak_gib + 1e-6 * step
+        else:
+            self.prob += step
+
+    def solve(
+        self, solver: str, time_limit: float, gap: float, cutoff: float | None, relaxed: bool
+    ) -> Solved:
+        """One bounded solve of the problem as it stands (relaxed: the LP relaxation)."""
+        began = time.perf_counter()
+        limit = max(time_limit, 0.01)
+        self.prob.solve(_solver(solver, limit, gap, None if relaxed else cutoff, mip=not relaxed))
+        status = pulp.LpStatus[self.prob.status]
+        solution = pulp.LpSolution[self.prob.sol_status]
+        # HiGHS names why it stopped (PuLP folds "Time limit reached" and "Objective bound"
+        # into one status); CBC: a solution short of optimal means the time limit
+        if solver == "HiGHS":
+            model = self.prob.solverModel
+            time_limited = model.modelStatusToString(model.getModelStatus()) == "Time limit reached"
+        else:
+            time_limited = status == "Not Solved" or solution == "Solution Found"
+        return Solved(status, solution, time.perf_counter() - began, time_limited)
+
+    def read(self, solved: Solved, cutoff: float | None, relaxed: bool) -> MilpResult:
+        """The MilpResult of a solve: per-stage choices and the objective (bytes for "gpu"
+        and "host"); none below `cutoff` reads as cut off."""
+        seconds, time_limited = solved.seconds, solved.time_limited
+        objective = float(pulp.value(self.prob.objective)) if solved.found else float("inf")
+        if not solved.found or (cutoff is not None and objective >= cutoff):
+            names = CUT_OFF if cutoff is not None else (solved.status, solved.solution)
+            return MilpResult(*names, float("inf"), seconds, time_limited=time_limited)
+
+        def value(var: pulp.LpVariable) -> float:
+            return float(var.varValue or 0.0)
+
+        choices = tuple(
+            StageChoice(
+                layers={
+                    m: value(var) if relaxed else round(value(var))
+                    for m, var in self.mode_layers[c].items()
+                },
+                offload_sum={m: value(self.offload_sum[c][m]) for m in SPLIT_MODES},
+                recompute_sum={m: value(self.recompute_sum[c][m]) for m in SPLIT_MODES},
+                anchor_offload_sum={
+                    m: value(self.anchor_offload_sum[c][m]) for m in RECOMPUTE_MODES
+                },
+            )
+            for c in range(self.num_stages)
+        )
+        if self.objective in ("gpu", "host"):
+            objective *= UNIT
+        return MilpResult(solved.status, solved.solution, objective, seconds, choices, time_limited)
+
+    def solve_and_read(
+        self, solver: str, time_limit: float, gap: float, cutoff: float | None, relaxed: bool
+    ) -> MilpResult:
+        return self.read(self.solve(solver, time_limit, gap, cutoff, relaxed), cutoff, relaxed)
+
+    def fix_split(self, split: list[int] | None) -> None:
+        """Fix N[c] = split[c] (None: free them again, 1..L-S+1)."""
+        for c, var in self.stage_layers.items():
+            if split is None:
+                var.lowBound, var.upBound = 1, self.most
+            else:
+                var.lowBound = var.upBound = split[c]
+
+
 def solve_layout(
     costs: LayoutCosts,
     stages: StageMap,
@@ -150,360 +564,29 @@ def solve_layout(
     that spare the branch and bound proving them.
     """
     started = time.perf_counter()
-    lay = costs.layout
-    S, L, G = stages.num_stages, num_layers, lay.num_microbatches
-    first, last = 0, S - 1
-    prob = pulp.LpProblem("memplan_layout", pulp.LpMinimize)
-    modes = list(costs.modes)
+    milp = LayoutMilp(costs, stages, num_layers, objective, floors)
 
-    most = L - S + 1  # layers one stage can hold: the big-M of the indicator rows
-
-    # ---------------------------------------------------------------- decision variables
-    # N[c] ∈ Z, 1..L-S+1: number of layers of stage c (branching on it first pays off)
-    N = {c: prob.add_variable(f"N_{c}", 1, most, cat=pulp.LpInteger) for c in range(S)}
-    # n[c][m] ∈ Z≥0: number of layers of stage c that use recompute mode m (no "full" where
-    # the layout cannot run it)
-    mode_most = {m: most if m != "full" or costs.full_recompute else 0 for m in modes}
-    n = {
-        c: {m: prob.add_variable(f"n_{c}_{m}", 0, mode_most[m], cat=pulp.LpInteger) for m in modes}
-        for c in range(S)
-    }
-    # A[c][m] ∈ [0, L]: sum over those layers of offload_fraction (token-local tensors)
-    A = {
-        c: {m: prob.add_variable(f"A_{c}_{m}", 0, L if costs.offload else 0) for m in SPLIT_MODES}
-        for c in range(S)
-    }
-    # R[c][m] ∈ [0, L]: sum over those layers of recompute_fraction (token-wise recompute)
-    R = {c: {m: prob.add_variable(f"R_{c}_{m}", 0, L) for m in SPLIT_MODES} for c in range(S)}
-    # Bq[c][m] ∈ [0, L]: sum over those layers of anchor_offload_fraction
-    Bq = {
-        c: {m: prob.add_variable(f"Bq_{c}_{m}", 0, L if costs.offload else 0) for m in modes}
-        for c in range(S)
-    }
-    # Xf[c][m], Xb[c][m] ≥ 0: host-transfer seconds not hidden behind forward / backward
-    Xf = {c: {m: prob.add_variable(f"Xf_{c}_{m}", 0) for m in modes} for c in range(S)}
-    Xb = {c: {m: prob.add_variable(f"Xb_{c}_{m}", 0) for m in modes} for c in range(S)}
-    # y[p] ∈ {0, 1}: rank p offloads or recomputes something (its backward re-materialises)
-    y = [prob.add_variable(f"y_{p}", cat=pulp.LpBinary) for p in range(lay.pp)]
-    # uA[p][m], uB[p][m] ∈ {0, 1}: rank p offloads token-local tensors / anchors of mode-m layers
-    uA = [
-        {m: prob.add_variable(f"uA_{p}_{m}", cat=pulp.LpBinary) for m in SPLIT_MODES}
-        for p in range(lay.pp)
-    ]
-    uB = [
-        {m: prob.add_variable(f"uB_{p}_{m}", cat=pulp.LpBinary) for m in modes}
-        for p in range(lay.pp)
-    ]
-    # pf[p] ≥ 0: GiB of the next layer prefetched from the host during a backward on rank p
-    pf = [prob.add_variable(f"prefetch_{p}", 0) for p in range(lay.pp)]
-    # hst[p] ≥ 0: peak offloaded GiB of one GPU of pp rank p (all in-flight micro-batches)
-    hst = [prob.add_variable(f"host_{p}", 0) for p in range(lay.pp)]
-    # M: the slowest stage's time per micro-batch; Mr: the busiest rank's (lower bounds: the
-    # best integer layer split without any recompute, `floors`)
-    M = prob.add_variable("max_stage_seconds", floors[0])
-    Mr = prob.add_variable("max_rank_seconds", floors[1])
-    # Mz: the largest zero-bubble residue F + B - 3W of a stage
-    Mz = prob.add_variable("max_zero_bubble_seconds", floors[2])
-    # tail ≥ 0: optimizer step + end-of-step ZeRO traffic not hidden (slowest rank)
-    tail = prob.add_variable("tail_seconds", 0)
-
-    # -------------------------------------------------------------------- expressions
-    cost = costs.modes
-    # memory rows are written in GiB (UNIT): byte-sized coefficients next to seconds-sized
-    # ones make the solver's tolerances meaningless
-    anchor = {m: cost[m].anchor_bytes / UNIT for m in modes}
-    local = {m: cost[m].local_bytes / UNIT for m in modes}
-
-    def kept_group_bytes(c: int, m: str) -> pulp.LpAffineExpression:
-        """Device-resident saved bytes of stage c's mode-m layers (one micro-batch)."""
-        if m in SPLIT_MODES:
-            return anchor[m] * (n[c][m] - Bq[c][m]) + local[m] * (n[c][m] - A[c][m] - R[c][m])
-        return anchor[m] * (n[c][m] - Bq[c][m])
-
-    def kept_bytes(c: int) -> pulp.LpAffineExpression:
-        return pulp.lpSum(kept_group_bytes(c, m) for m in modes)
-
-    def host_bytes(c: int, m: str) -> pulp.LpAffineExpression:
-        offloaded = local[m] * A[c][m] if m in SPLIT_MODES else 0
-        return anchor[m] * Bq[c][m] + offloaded
-
-    def extra_params(c: int) -> int:
-        return (costs.first.params if c == first else 0) + (costs.last.params if c == last else 0)
-
-    def params(p: int) -> pulp.LpAffineExpression:
-        return pulp.lpSum(
-            costs.layer_params * N[c] + extra_params(c) for c in stages.rank_stages[p]
-        )
-
-    def stage_constant_bytes(c: int) -> float:
-        boundary = (c > first) + (c < last) if lay.pp > 1 else 0
-        saved = costs.chunk_saved_bytes + boundary * costs.boundary_bytes
-        saved += costs.first.saved_bytes if c == first else 0
-        saved += costs.last.saved_bytes if c == last else 0
-        return saved / UNIT
-
-    fwd_s = {
-        c: costs.forward_seconds * N[c]
-        + (costs.first.forward_seconds if c == first else 0)
-        + (costs.last.forward_seconds if c == last else 0)
-        + (costs.p2p_seconds if c < last else 0)
-        for c in range(S)
-    }
-    bwd_s = {
-        c: pulp.lpSum(cost[m].backward_seconds * n[c][m] for m in modes)
-        + pulp.lpSum(cost[m].local_recompute_seconds * R[c][m] for m in SPLIT_MODES)
-        + pulp.lpSum(Xf[c][m] + Xb[c][m] for m in modes)
-        + costs.layer_zero_exposed_seconds * N[c]
-        + (costs.first.backward_seconds + costs.first.zero_exposed_seconds if c == first else 0)
-        + (costs.last.backward_seconds + costs.last.zero_exposed_seconds if c == last else 0)
-        + (costs.p2p_seconds if c > first else 0)
-        for c in range(S)
-    }
-    wgt_s = {
-        c: costs.weight_grad_seconds * N[c] + (costs.last.weight_grad_seconds if c == last else 0)
-        for c in range(S)
-    }
-    stage_s = {c: fwd_s[c] + bwd_s[c] for c in range(S)}
-
-    # --------------------------------------------------------------------- constraints
-    # [Constraint] every layer sits in exactly one stage (every stage has at least one:
-    #   N's lower bound), and a stage's layers are split over the recompute modes
-    prob += pulp.lpSum(N.values()) == L, "all_layers_assigned"
-    for c in range(S):
-        prob += pulp.lpSum(n[c].values()) == N[c], f"stage_{c}_modes"
-
-    # [Constraint] per layer: offload_fraction + recompute_fraction <= 1, anchor fraction <= 1
-    #   summed over a (stage, mode) group of n layers:  A + R <= n,  Bq <= n
-    for c in range(S):
-        for m in SPLIT_MODES:
-            prob += A[c][m] + R[c][m] <= n[c][m], f"split_{c}_{m}"
-        for m in modes:
-            prob += Bq[c][m] <= n[c][m], f"anchor_split_{c}_{m}"
-
-    # [Constraint] y[p] = 1 when rank p offloads or recomputes anything (big-M: 3 x most)
-    #   original: y[p] = OR(A > 0, R > 0, Bq > 0, n_selective > 0, n_full > 0)
-    for p, chunk_list in enumerate(stages.rank_stages):
-        for c in chunk_list:
-            touched = pulp.lpSum(A[c].values()) + pulp.lpSum(R[c].values())
-            touched += pulp.lpSum(Bq[c].values()) + n[c]["selective"] + n[c]["full"]
-            prob += touched <= 3 * most * y[p], f"rematerialises_{c}"
-
-    # [Constraint] uA / uB = 1 when rank p offloads local tensors / anchors of mode m;
-    #   pf[p] >= the largest per-layer prefetch: max_m (anchor_m uB[p][m] + local_m uA[p][m])
-    #   original: pf = max over p's layers l of host_bytes(l), bounded by whole tensors
-    for p, chunk_list in enumerate(stages.rank_stages):
-        for c in chunk_list:
-            for m in SPLIT_MODES:
-                prob += A[c][m] <= most * uA[p][m], f"offloads_local_{c}_{m}"
-            for m in modes:
-                prob += Bq[c][m] <= most * uB[p][m], f"offloads_anchor_{c}_{m}"
-        for m in modes:
-            fetched = local[m] * uA[p][m] if m in SPLIT_MODES else 0
-            prob += pf[p] >= anchor[m] * uB[p][m] + fetched, f"prefetch_{p}_{m}"
-
-    # [Constraint] exposed host transfer, per (stage, mode) group, forward and backward
-    #   original per layer: Xf_l = max(0, host_l / bw - f),  Xb_l = max(0, host_l / bw - b_l)
-    bw = costs.host_link / UNIT
-    for c in range(S):
-        for m in modes:
-            rec = cost[m].local_recompute_seconds * R[c][m] if m in SPLIT_MODES else 0
-            prob += (
-                Xf[c][m] >= host_bytes(c, m) / bw - costs.forward_seconds * n[c][m],
-                (f"exposed_fwd_{c}_{m}"),
-            )
-            prob += (
-                Xb[c][m] >= host_bytes(c, m) / bw - cost[m].backward_seconds * n[c][m] - rec,
-                (f"exposed_bwd_{c}_{m}"),
-            )
-
-    # [Constraint] GPU peak per rank: for every maximal in-flight vector t of rank p
-    #   states + sum_c t_c (kept_c + constants_c) + buffers + transient <= budget
-    #   transient = max(layer backward phase, loss phase); the layer phase holds one layer's
-    #   re-materialised tensors when y[p] = 1 plus the next layer's prefetch pf[p]
-    peak = prob.add_variable("peak_gib", 0) if objective == "gpu" else None
-    budget = (costs.budget_bytes - ROUNDING_MARGIN_BYTES) / UNIT
-    buffers = (2 * costs.boundary_bytes if lay.pp > 1 else 0.0) / UNIT
-    layer_phase = (costs.workspace_bytes + costs.zero_layer_transient_bytes) / UNIT
-    loss_phase = (costs.loss_transient_bytes + costs.zero_output_transient_bytes) / UNIT
-    full_layer = costs.full_layer_bytes / UNIT
-
-    def gpu_row(total: pulp.LpAffineExpression, name: str) -> None:
-        if peak is not None:
-            prob.addConstraint(peak >= total, f"peak_{name}")
-        else:
-            prob.addConstraint(total <= budget, f"gpu_memory_{name}")
-
-    for p, chunk_list in enumerate(stages.rank_stages):
-        states = costs.state_bytes_per_param / UNIT * params(p)
-        phases = [layer_phase + full_layer * y[p] + pf[p]]
-        if last in chunk_list:
-            phases.append(loss_phase)
-        if costs.grads_follow_backward:
-            # One micro-batch, no pipeline (one rank, one stage): gradients appear during
-            # backward as activations are freed. Backward runs the loss, then the layers
-            # last to first: by mode group "none", "selective", "full" (layer_policies
-            # emits a stage's layers in MODE_ORDER), then the embedding. Within a group of
-            # identical layers the live bytes change linearly, so the group's boundaries
-            # bound them: at each boundary b (0: before any layer, 3: after the last)
-            #   states - grads + constants + kept(groups not yet run) + grads(output layer
-            #   + layers run) + one layer's grads + layer transient <= budget
-            # plus the loss phase (all kept, output-layer grads, loss transient) and the
-            # embedding's backward (all layer grads + its own).
-            per = costs.grads_bytes_per_param / UNIT
-            layer_grads = per * costs.layer_params
-            base = states - per * params(p) + stage_constant_bytes(0) + per * costs.last.params
-            kept = {m: kept_group_bytes(0, m) for m in modes}
-            gpu_row(base + pulp.lpSum(kept.values()) + phases[-1], f"{p}_loss")
-            backward = ("none", "selective", "full")
-            for b in range(len(backward) + 1):
-                waiting, ran = backward[b:], backward[:b]
-                live = base + pulp.lpSum(kept[m] for m in waiting)
-                live += layer_grads * pulp.lpSum(n[0][m] for m in ran)
-                gpu_row(live + layer_grads + phases[0], f"{p}_backward_{b}")
-            gpu_row(base + layer_grads * N[0] + per * costs.first.params, f"{p}_embedding")
-            continue
-        for k, vec in enumerate(stages.inflight[p]):
-            act = pulp.lpSum(
-                count * (kept_bytes(c) + stage_constant_bytes(c))
-                for count, c in zip(vec, chunk_list, strict=True)
-                if count
-            )
-            for j, transient in enumerate(phases):
-                gpu_row(states + act + buffers + transient, f"{p}_{k}_{j}")
-
-    # [Constraint] host RAM: hst[p] >= offloaded bytes of every in-flight vector of rank p,
-    #   and per node: sum over its GPUs of (hst + checkpoint staging) <= host budget
-    host_peak = prob.add_variable("host_peak_gib", 0) if objective == "host" else None
-    for p, chunk_list in enumerate(stages.rank_stages):
-        for k, vec in enumerate(stages.inflight[p]):
-            offloaded = pulp.lpSum(
-                count * host_bytes(c, m)
-                for count, c in zip(vec, chunk_list, strict=True)
-                if count
-                for m in modes
-            )
-            prob += hst[p] >= offloaded, f"host_rank_{p}_{k}"
-    # token rounding (planner/search.py snaps offloaded tokens up) adds at most two tokens
-    # per layer and in-flight micro-batch to each GPU's host bytes
-    token_bytes = costs.full_layer_bytes / costs.seq_local
-    most_inflight = max(sum(vec) for rank in stages.inflight for vec in rank)
-    rounding = 2 * L * token_bytes * most_inflight * costs.gpus_per_node
-    host_budget = (costs.host_budget_bytes - ROUNDING_MARGIN_BYTES - rounding) / UNIT
-    for k, gpus in enumerate(stages.node_gpus):
-        node = pulp.lpSum(
-            count * (hst[p] + costs.staging_bytes_per_param / UNIT * params(p))
-            for p, count in enumerate(gpus)
-            if count
-        )
-        if host_peak is not None:
-            prob += host_peak >= node, f"host_peak_node_{k}"
-        elif objective == "gpu":
-            continue
-        else:
-            prob += node <= host_budget, f"host_memory_node_{k}"
-
-    # [Constraint] pipeline latency epigraphs (planner/schedules.py has the formulas)
-    #   M >= t_c,  Mr >= sum of rank p's t_c,  Mz >= F_c + B_c - 3 W_c
-    for c in range(S):
-        prob += stage_s[c] <= M, f"max_stage_{c}"
-        prob += Mz >= fwd_s[c] + bwd_s[c] - 3 * wgt_s[c], f"zero_bubble_{c}"
-    for p, chunk_list in enumerate(stages.rank_stages):
-        prob += Mr >= pulp.lpSum(stage_s[c] for c in chunk_list), f"max_rank_{p}"
-
-    # [Constraint] step tail: optimizer + exposed end-of-step ZeRO traffic, slowest rank
-    #   original: tail = max_p (opt_p + exposed_p + max(0, overlapped_p - backward_p))
-    for p, chunk_list in enumerate(stages.rank_stages):
-        base = (costs.optimizer_seconds_per_param + costs.zero_exposed_end_seconds_per_param) * (
-            params(p)
-        )
-        overlapped = costs.zero_overlapped_seconds_per_param * params(p)
-        prob += tail >= base, f"tail_{p}"
-        prob += (
-            tail >= base + overlapped - pulp.lpSum(bwd_s[c] for c in chunk_list),
-            (f"tail_overlap_{p}"),
-        )
-
-    # ---------------------------------------------------------------------- objective
-    schedule = lay.pp_schedule
-    if schedule == "none":
-        step = G * stage_s[0] + tail
-    elif schedule in ("gpipe", "1f1b"):
-        step = (G - 1) * M + pulp.lpSum(stage_s.values()) + tail
-    elif schedule in ZERO_BUBBLE:
-        step = G * Mr + (lay.pp - 1) * Mz + tail
-    else:
-        assert schedule in INTERLEAVED
-        step = G * Mr + (lay.pp - 1) * M + tail
-    if objective == "gpu":
-        prob += peak + 1e-6 * step
-    elif objective == "host":
-        prob += host_peak + 1e-6 * step
-    else:
-        prob += step
-
-    def read(cut: float | None, limit: float, relaxed: bool = False) -> MilpResult:
-        """Solve prob as it stands and read the result by status name."""
-        began = time.perf_counter()
-        if relaxed:
-            prob.solve(_solver(solver, max(limit, 0.01), gap, None, mip=False))
-        else:
-            prob.solve(_solver(solver, max(limit, 0.01), gap, cut))
-        status = pulp.LpStatus[prob.status]
-        solution = pulp.LpSolution[prob.sol_status]
-        seconds = time.perf_counter() - began
-        # HiGHS names why it stopped (PuLP folds "Time limit reached" and "Objective bound"
-        # into one status); CBC: a solution short of optimal means the time limit
-        if solver == "HiGHS":
-            reason = prob.solverModel.modelStatusToString(prob.solverModel.getModelStatus())
-            time_limited = reason == "Time limit reached"
-        else:
-            time_limited = status == "Not Solved" or solution == "Solution Found"
-        found = solution in ("Optimal Solution Found", "Solution Found")
-        if cut is not None and (not found or float(pulp.value(prob.objective)) >= cut):
-            return MilpResult("Cut off", "No solution below the cutoff", float("inf"), seconds,
-                              time_limited=time_limited)  # fmt: skip
-        if not found:
-            return MilpResult(status, solution, float("inf"), seconds, time_limited=time_limited)
-
-        def value(var: pulp.LpVariable) -> float:
-            return float(var.varValue or 0.0)
-
-        choices = tuple(
-            StageChoice(
-                layers={m: value(n[c][m]) if relaxed else round(value(n[c][m])) for m in modes},
-                offload_sum={m: value(A[c][m]) for m in SPLIT_MODES},
-                recompute_sum={m: value(R[c][m]) for m in SPLIT_MODES},
-                anchor_offload_sum={m: value(Bq[c][m]) for m in modes},
-            )
-            for c in range(S)
-        )
-        objective_value = float(pulp.value(prob.objective))
-        if objective in ("gpu", "host"):
-            objective_value *= UNIT
-        return MilpResult(status, solution, objective_value, seconds, choices, time_limited)
+    def left() -> float:
+        return time_limit - (time.perf_counter() - started)
 
     # A pipeline's hard part is the integer layer split. First a quick incumbent: the LP
     # relaxation's split rounded (largest remainders), policies solved for that split; then
     # the full MILP only has to beat it (a cutoff), within what is left of the time limit.
     heuristic = None
-    if S > 1 and objective == "time":
-        relaxation = read(None, time_limit, relaxed=True)
+    if milp.num_stages > 1 and objective == "time":
+        relaxation = milp.solve_and_read(solver, time_limit, gap, None, relaxed=True)
         if not relaxation.found:  # the relaxation is infeasible: so is the MILP
             return dataclasses.replace(relaxation, seconds=time.perf_counter() - started)
         if cutoff is not None and relaxation.objective >= cutoff:  # a lower bound already
-            return MilpResult("Cut off", "No solution below the cutoff", float("inf"),
-                              time.perf_counter() - started)  # fmt: skip
-        split = _round_split([N[c].varValue or 1.0 for c in range(S)], L)
-        for c in range(S):
-            N[c].lowBound = N[c].upBound = split[c]
-        heuristic = read(cutoff, time_limit - (time.perf_counter() - started))
-        for c in range(S):
-            N[c].lowBound, N[c].upBound = 1, most
-    remaining = time_limit - (time.perf_counter() - started)
+            return MilpResult(*CUT_OFF, float("inf"), time.perf_counter() - started)
+        fractional = [var.varValue or 1.0 for var in milp.stage_layers.values()]
+        milp.fix_split(round_split(fractional, num_layers))
+        heuristic = milp.solve_and_read(solver, left(), gap, cutoff, relaxed=False)
+        milp.fix_split(None)
     cut = cutoff
     if heuristic is not None and heuristic.found:
         cut = heuristic.objective if cut is None else min(cut, heuristic.objective)
-    full = read(cut, remaining)
+    full = milp.solve_and_read(solver, left(), gap, cut, relaxed=False)
     seconds = time.perf_counter() - started
     if full.found or heuristic is None or not heuristic.found:
         return dataclasses.replace(full, seconds=seconds)
@@ -512,14 +595,3 @@ def solve_layout(
     return dataclasses.replace(
         heuristic, solution_status=proven, seconds=seconds, time_limited=full.time_limited
     )
-
-
-def _round_split(fractional: list[float], total: int) -> list[int]:
-    """Integers >= 1 summing to total, closest to `fractional` (largest remainders)."""
-    floors = [max(1, math.floor(x + 1e-9)) for x in fractional]
-    while sum(floors) > total:  # only if the relaxation left stages below one layer
-        floors[floors.index(max(floors))] -= 1
-    order = sorted(range(len(fractional)), key=lambda i: fractional[i] - floors[i], reverse=True)
-    for i in order[: total - sum(floors)]:
-        floors[i] += 1
-    return floors

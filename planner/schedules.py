@@ -28,11 +28,22 @@ from __future__ import annotations
 import functools
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import TypeVar
 
 from planner.plan import Layout
 
+T = TypeVar("T")
+"""A number or an LP expression (pipeline_step)."""
+
+SINGLE_STAGE = ("gpipe", "1f1b")
+"""Pipeline schedules with one stage per pp rank (virtual_stages = 1)."""
+MULTI_STAGE = ("interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble")
+"""Pipeline schedules with several stages per pp rank; they need num_microbatches to be a
+multiple of pp (planner/layouts.py; parallel/pipeline.py maps each to its torch class)."""
 INTERLEAVED = ("interleaved_1f1b", "interleaved_zero_bubble")
+"""Multi-stage schedules that place stages round robin (stage c on rank c % pp)."""
 ZERO_BUBBLE = ("interleaved_zero_bubble", "zbv_zero_bubble")
+"""Schedules that split the backward into input and weight gradients (bubble F + B - 3W)."""
 
 
 def stage_rank(stage: int, pp: int, schedule: str) -> int:
@@ -217,19 +228,48 @@ def step_seconds(
     """(step time, bubble time) of the pipeline given each global stage's time per
     micro-batch and, for zero-bubble schedules, each stage's F + B - 3W (module docstring)."""
     g = num_microbatches
+    if schedule == "none":
+        return g * stage_seconds[0], 0.0
     busy = max(
         sum(stage_seconds[c] for c in rank_stages(p, pp, virtual_stages, schedule))
         for p in range(pp)
     )
-    if schedule == "none":
-        return g * stage_seconds[0], 0.0
-    if schedule in ("gpipe", "1f1b"):
-        total = (g - 1) * max(stage_seconds) + sum(stage_seconds)
-    elif schedule in ZERO_BUBBLE:
-        total = g * busy + (pp - 1) * max(0.0, *stage_zero_bubble_seconds)
-    else:
-        total = g * busy + (pp - 1) * max(stage_seconds)
+    total = pipeline_step(
+        schedule,
+        pp,
+        g,
+        stage_sum=sum(stage_seconds),
+        stage_max=max(stage_seconds),
+        rank_max=busy,
+        residue_max=max(0.0, *stage_zero_bubble_seconds),
+    )
     return total, total - g * busy
+
+
+def pipeline_step(
+    schedule: str,
+    pp: int,
+    num_microbatches: int,
+    stage_sum: T,
+    stage_max: T,
+    rank_max: T,
+    residue_max: T,
+) -> T:
+    """The latency formula of the module docstring, from the sum and the maxima of the
+    per-micro-batch stage times: the slowest stage (max_c t_c), the busiest rank
+    (max_p r_p) and the largest zero-bubble residue (max_c max(0, F_c + B_c - 3 W_c)).
+    Numbers (planner/bounds.py, the exact evaluation above) or LP expressions of the same
+    maxima (planner/milp.py) alike."""
+    g = num_microbatches
+    if schedule == "none":  # one stage: stage_sum is t_0
+        return g * stage_sum
+    if schedule in SINGLE_STAGE:
+        return (g - 1) * stage_max + stage_sum
+    if schedule in ZERO_BUBBLE:
+        return g * rank_max + (pp - 1) * residue_max
+    if schedule in INTERLEAVED:
+        return g * rank_max + (pp - 1) * stage_max
+    raise ValueError(f"unknown pipeline schedule {schedule!r}")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""make_plan: the outer search over layouts around the per-layout MILP.
+"""The outer search over layouts around the per-layout MILP (steps 1-3 of planner/make.py).
 
 1. Enumerate every executable layout (planner/layouts.py): dp, tp, pp, sp, ZeRO stage,
    micro-batch size, number of micro-batches, pipeline schedule, virtual stages.
@@ -11,14 +11,9 @@
    (less the gap) as a cutoff; stop when the next bound is within planner.mip_gap of the best
    step time found (no remaining layout can be faster by more than the gap, the same
    guarantee each MILP solve gives), or when planner.time_limit_seconds runs out.
-4. Turn the best solution into per-layer policies, evaluate them exactly (planner/assemble.py
-   with planner/memory.py and planner/timing.py) and return the Plan.
-5. If time ran out before any solve found a plan (near the memory limit the fastest
-   layouts' MILPs can stop at their time limits without a solution), look for any feasible
-   plan among the layouts most likely to fit (lowest memory bound first, a loose gap); its
-   status says it is not proven optimal. Without any feasible layout, raise NoFeasiblePlan
-   naming the binding constraint and the smallest change that makes a plan feasible
-   (planner/explain.py).
+A feasibility probe (`probe`) instead solves the layouts most likely to fit (lowest memory
+bound first) with a loose gap and stops at the first plan. `minimum_use` solves for the least
+GPU or host memory instead of the step time (planner/explain.py uses both).
 """
 
 from __future__ import annotations
@@ -28,14 +23,13 @@ import time
 from dataclasses import dataclass
 
 from configs.schema import Config
-from planner.assemble import build_plan, layer_policies
 from planner.bounds import Bounds, bounds
 from planner.costs import LayoutCosts, costs_for
-from planner.errors import NoFeasiblePlan
 from planner.layouts import enumerate_layouts, explain_no_layout
-from planner.milp import MilpResult, solve_layout, solver_name
-from planner.plan import Layout, Plan, SolverInfo
+from planner.milp import solve_layout, solver_name
+from planner.plan import Layout
 from planner.schedules import StageMap
+from planner.solution import MilpResult
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +49,37 @@ class Candidate:
     costs: LayoutCosts
     bounds: Bounds
     gpus_per_node: int
+
+    @staticmethod
+    def of(cfg: Config, layout: Layout) -> Candidate:
+        """`layout` with its cost coefficients and bounds for cfg."""
+        costs = costs_for(cfg, layout)
+        found = bounds(costs, cfg.model.num_layers)
+        return Candidate(layout, costs, found, cfg.cluster.gpus_per_node)
+
+    def solve(
+        self,
+        num_layers: int,
+        solver: str,
+        time_limit: float,
+        gap: float,
+        cutoff: float | None = None,
+        objective: str = "time",
+    ) -> MilpResult:
+        """The layout's MILP; for the step time with the bounds' pipeline maxima as cuts."""
+        found = self.bounds
+        floors = (found.stage_max, found.rank_max, found.residue_max)
+        return solve_layout(
+            self.costs,
+            self.stages,
+            num_layers,
+            solver,
+            time_limit,
+            gap,
+            objective=objective,
+            cutoff=cutoff,
+            floors=floors if objective == "time" else (0.0, 0.0, 0.0),
+        )
 
     @property
     def time_bound(self) -> float:
@@ -89,12 +114,7 @@ def layout_candidates(cfg: Config) -> list[Candidate]:
     layouts = enumerate_layouts(cfg.model, cfg.cluster, cfg.train, cfg.planner)
     if not layouts:
         raise explain_no_layout(cfg.model, cfg.cluster, cfg.train, cfg.planner)
-    result = []
-    for layout in layouts:
-        costs = costs_for(cfg, layout)
-        found = bounds(costs, cfg.model.num_layers)
-        result.append(Candidate(layout, costs, found, cfg.cluster.gpus_per_node))
-    return result
+    return [Candidate.of(cfg, layout) for layout in layouts]
 
 
 @dataclass
@@ -140,16 +160,7 @@ def search(
             complete = False
             break
         solve_limit = min(remaining, cfg.planner.solve_time_limit_seconds)
-        result = solve_layout(
-            cand.costs,
-            cand.stages,
-            cfg.model.num_layers,
-            solver,
-            solve_limit,
-            gap,
-            cutoff=target,
-            floors=(cand.bounds.stage_max, cand.bounds.rank_max, cand.bounds.residue_max),
-        )
+        result = cand.solve(cfg.model.num_layers, solver, solve_limit, gap, cutoff=target)
         solved += 1
         statuses.append(result.solution_status)
         if result.time_limited:
@@ -189,52 +200,14 @@ def minimum_use(cfg: Config, objective: str, time_limit: float) -> float | None:
         remaining = deadline - time.perf_counter()
         if remaining <= 0:
             break
-        result = solve_layout(
-            cand.costs,
-            cand.stages,
-            cfg.model.num_layers,
-            solver,
-            min(remaining, 2.0),
-            0.0,
-            objective=objective,
+        result = cand.solve(
+            cfg.model.num_layers, solver, min(remaining, 2.0), 0.0, objective=objective
         )
         if result.found:
             best = result.objective if best is None else min(best, result.objective)
     return best
 
 
-def make_plan(cfg: Config, explain: bool = True) -> Plan:
-    """The fastest predicted plan for cfg within its GPU and host memory budgets.
-
-    Raises NoFeasiblePlan (one line: the binding constraint and the smallest change that
-    makes a plan feasible; explain=False skips that search, for callers that only need to
-    know, such as a sweep over sequence lengths) or ConfigError (no executable layout
-    exists at all).
-    """
-    from planner.explain import explain_infeasible  # only on failure
-
-    planner = cfg.planner
-    outcome = search(cfg, planner.time_limit_seconds, planner.mip_gap)
-    if outcome.best is None and not (outcome.complete and outcome.proven):
-        probe = search(cfg, planner.time_limit_seconds, FEASIBILITY_GAP, first_feasible=True)
-        if probe.best is not None:  # a plan, not proven the fastest (step 5)
-            probe.solved += outcome.solved
-            probe.seconds += outcome.seconds
-            probe.proven = False
-            outcome = probe
-    if outcome.best is None or outcome.result is None:
-        if not explain:
-            raise NoFeasiblePlan("no plan fits the GPU and host memory budgets")
-        raise NoFeasiblePlan(explain_infeasible(cfg, outcome))
-    best = outcome.best
-    optimal = outcome.complete and outcome.proven
-    solver = SolverInfo(
-        name=solver_name(planner.solver),
-        status="optimal" if optimal else "feasible (time limit)",
-        solve_seconds=outcome.seconds,
-        candidates_evaluated=outcome.solved,
-        layouts_considered=outcome.considered,
-        mip_gap=planner.mip_gap,
-    )
-    layers = layer_policies(outcome.result.stages, best.costs.seq_local)
-    return build_plan(cfg, best.layout, layers, solver)
+def probe(cfg: Config, time_limit: float) -> SearchOutcome:
+    """A feasibility probe: the layouts most likely to fit, any plan that fits."""
+    return search(cfg, time_limit, FEASIBILITY_GAP, first_feasible=True)

@@ -21,7 +21,8 @@ OUTSIDE = -1
 
 
 class SavedTensorLedger:
-    """Context manager: bytes saved for backward during its forward passes, by layer."""
+    """Context manager: bytes saved for backward during the forward passes run inside one
+    `with` block, by layer."""
 
     def __init__(self, model: nn.Module) -> None:
         self._current: list[int] = [OUTSIDE]
@@ -69,6 +70,9 @@ class SavedTensorLedger:
         self._hooks.__exit__(kind, exc, tb)
         for handle in self._handles:
             handle.remove()
+        # the counts are kept; the saved tensors are released (the ledger would otherwise
+        # hold them past backward: it sits in a reference cycle through its hooks)
+        self._keepalive.clear()
 
     def per_layer_bytes(self) -> dict[int, int]:
         """Bytes first saved in, and only in, each layer (OUTSIDE for the rest of the model)."""

@@ -84,7 +84,7 @@ def _compose(overrides: tuple[str, ...]) -> Config:
 
 @functools.cache
 def _planned(cfg: Config) -> Plan:
-    from planner.search import make_plan
+    from planner.make import make_plan
 
     return make_plan(cfg)
 

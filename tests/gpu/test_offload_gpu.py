@@ -153,7 +153,7 @@ PLANS = {
 
 
 def _planned(seq: int, extra: list[str]):
-    make_plan = pytest.importorskip("planner.search").make_plan
+    make_plan = pytest.importorskip("planner.make").make_plan
     cfg = compose_config(
         ["model=llama3_2_1b", "cluster=h100_1x", f"train.seq_len={seq}",
          "train.global_batch_size=1", *extra]

@@ -6,11 +6,12 @@ import pytest
 
 from launch.compose import compose_config
 from planner.assemble import build_plan, layer_policies
-from planner.bounds import bounds
 from planner.costs import costs_for
-from planner.milp import _round_split, solve_layout
+from planner.milp import solve_layout
 from planner.plan import Layout, SolverInfo
 from planner.schedules import StageMap
+from planner.search import Candidate
+from planner.solution import round_split as _round_split
 
 SOLVER = SolverInfo(name="HiGHS", status="test", solve_seconds=0.0, candidates_evaluated=1)
 LONG = ["model=llama2_7b", "cluster=h100_8x", "train.seq_len=65536", "train.global_batch_size=8"]
@@ -30,15 +31,9 @@ LAYOUTS = {
 
 
 def solve(cfg, fields, gap=0.0, backend="fsdp2"):
-    layout = Layout(zero_backend=backend, **fields)
-    costs = costs_for(cfg, layout)
-    stages = StageMap.of(layout, cfg.cluster.gpus_per_node)
-    b = bounds(costs, cfg.model.num_layers)
-    result = solve_layout(
-        costs, stages, cfg.model.num_layers, "HiGHS", 30.0, gap,
-        floors=(b.stage_max, b.rank_max, b.residue_max),
-    )  # fmt: skip
-    return layout, costs, result, b
+    cand = Candidate.of(cfg, Layout(zero_backend=backend, **fields))
+    result = cand.solve(cfg.model.num_layers, "HiGHS", 30.0, gap)  # with the search's cuts
+    return cand.layout, cand.costs, result, cand.bounds
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

@@ -13,9 +13,10 @@ from configs.errors import ConfigError
 from launch.compose import compose_config
 from planner.errors import NoFeasiblePlan
 from planner.layouts import enumerate_layouts
+from planner.make import make_plan
 from planner.memory import predict_stage_memory
 from planner.plan import Plan
-from planner.search import make_plan, minimum_use
+from planner.search import minimum_use
 from planner.timing import predict_step_time
 
 MEMO = [

@@ -15,6 +15,7 @@ from framework.measure.profile import (
     relative_error,
     run_profile,
     scale_down,
+    stage_in_flight,
 )
 from launch.compose import compose_config
 from planner.plan import LayerPlan
@@ -72,6 +73,21 @@ def test_most_loaded_stage_counts_micro_batches_in_flight():
         for p in layers
     ]  # fmt: skip
     plan = manual_plan(cfg, layers=light, micro_batch_size=1, pp=2, dp=4)
+    assert most_loaded_stage(plan, cfg.model) == 1
+
+
+def test_zbv_in_flight_counts_are_those_of_the_rank_that_runs_the_stage():
+    """zbv_zero_bubble places stages in a V: rank 0 runs stages 0 and 3, rank 1 stages 1
+    and 2 (planner/schedules.py); `stage % pp` would give stage 2 rank 0's count."""
+    cfg = compose_config(["model=llama3_8b", "cluster=h100_8x", "train.global_batch_size=4"])
+    schedule = {"pp": 2, "virtual_stages": 2, "pp_schedule": "zbv_zero_bubble"}
+    plan = manual_plan(cfg, micro_batch_size=1, **schedule)
+    assert [stage_in_flight(stage, plan) for stage in range(4)] == [4, 3, 2, 1]
+    # stage 0 offloads everything: stage 1 (3 in flight) now outweighs stage 2 (2 in flight)
+    light = dict(offload_fraction=1.0, recompute="none", recompute_fraction=0.0,
+                 anchor_offload_fraction=1.0)  # fmt: skip
+    layers = [dataclasses.replace(p, **light) if p.stage == 0 else p for p in plan.layers]
+    plan = manual_plan(cfg, layers=layers, micro_batch_size=1, **schedule)
     assert most_loaded_stage(plan, cfg.model) == 1
 
 
