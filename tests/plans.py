@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from configs import CONFIG_DIR
 from configs.schema import Config
 from planner.plan import (
     ClusterSummary,
@@ -14,6 +15,9 @@ from planner.plan import (
     TimeEstimate,
     TrainSummary,
 )
+
+MODEL_PRESETS = sorted(path.stem for path in (CONFIG_DIR / "model").glob("*.yaml"))
+"""Every model preset (configs/model/*.yaml): tests that hold for any model run over all."""
 
 
 def manual_plan(

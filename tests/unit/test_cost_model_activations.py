@@ -15,16 +15,9 @@ from framework.measure.saved_bytes import OUTSIDE, SavedTensorLedger
 from launch.compose import compose_config
 from planner.activations import LayerShape, layer_activation_bytes, outside_layers_bytes
 from planner.plan import LayerPlan
+from tests.plans import MODEL_PRESETS
 
-PRESETS = [
-    "tiny",
-    "llama3_2_1b",
-    "llama2_7b",
-    "llama2_13b",
-    "llama3_8b",
-    "llama3_70b",
-    "mistral_7b",
-]
+PRESETS = MODEL_PRESETS
 HEAD_DIM = 16
 BATCH, SEQ = 2, 96
 KEEP_ALL = LayerPlan(index=0, stage=0, offload_fraction=0.0, recompute="none",

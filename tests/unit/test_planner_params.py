@@ -9,16 +9,9 @@ from framework.components.model import build_model, count_parameters
 from launch.compose import compose_config
 from planner.memory import zero_table_bytes
 from planner.params import model_state_bytes, param_counts, total_params
+from tests.plans import MODEL_PRESETS
 
-PRESETS = [
-    "tiny",
-    "llama3_2_1b",
-    "llama2_7b",
-    "llama2_13b",
-    "llama3_8b",
-    "llama3_70b",
-    "mistral_7b",
-]
+PRESETS = MODEL_PRESETS
 
 
 @pytest.mark.parametrize("name", PRESETS)
