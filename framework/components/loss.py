@@ -3,7 +3,9 @@
 Forward walks the tokens in chunks, keeping only each token's log-sum-exp; backward recomputes
 one chunk of logits at a time (the Cut Cross-Entropy idea). Saved for backward: the hidden
 states (already alive as the final norm's output), the targets and one fp32 per token.
-Working set: one chunk of [chunk_tokens x vocab] fp32 logits.
+Working set (measured with torch's MemTracker, tests/unit/test_loss.py): one fp32
+[chunk_tokens x vocab] block, built in place (plus its copy in the training dtype when that is
+not fp32) and the fp32 [vocab x hidden] weight-gradient accumulator, accumulated in place.
 """
 
 import torch
@@ -27,6 +29,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             target_logit = logits.gather(1, targets[start:stop, None]).squeeze(1)
             total += (chunk_lse - target_logit).sum()
             lse[start:stop] = chunk_lse
+            del logits  # before the next chunk's matmul: one chunk of logits at a time
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk_tokens = chunk_tokens
         return total / tokens
@@ -47,14 +50,19 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, tokens, ctx.chunk_tokens):
             stop = min(start + ctx.chunk_tokens, tokens)
             h = hidden[start:stop]
-            # d loss / d logits = softmax(logits) - onehot(target), times 1/tokens
-            probs = torch.exp((h @ w.t()).to(compute) - lse[start:stop, None])
+            # d loss / d logits = softmax(logits) - onehot(target), times 1/tokens, built in
+            # place in one fp32 chunk (no second chunk-sized temporary)
+            probs = (h @ w.t()).to(compute)
+            probs.sub_(lse[start:stop, None]).exp_()
             probs[torch.arange(stop - start, device=h.device), targets[start:stop]] -= 1.0
-            grad_logits = (probs * scale).to(hidden.dtype)
+            probs.mul_(scale)
+            grad_logits = probs.to(hidden.dtype)  # the same tensor in fp32
             if grad_hidden is not None:
-                grad_hidden[start:stop] = grad_logits @ w
+                torch.matmul(grad_logits, w, out=grad_hidden[start:stop])
             if grad_weight is not None:
-                grad_weight += (grad_logits.t() @ h).to(compute)
+                # accumulate in place: no [vocab, hidden] temporary per chunk
+                grad_weight.addmm_(probs.t(), h.to(compute))
+            del probs, grad_logits  # before the next chunk's matmul
         return (
             grad_hidden,
             grad_weight.to(weight.dtype) if grad_weight is not None else None,

@@ -46,3 +46,29 @@ def test_saved_bytes_do_not_grow_with_vocab_or_chunk():
     expected = 256 * 32 * 4 + 256 * 8 + 256 * 4
     assert small == huge_vocab == big_chunk == expected
     assert expected < 256 * 20_000 * 4 / 100  # far below the full logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_working_set_is_one_fp32_chunk_measured_by_torchs_mem_tracker(dtype):
+    """torch's MemTracker (not this project's code) counts the step's peak: over the inputs
+    and the two gradients, backward holds one fp32 [chunk x vocab] block (plus its copy in
+    the training dtype) and the fp32 [vocab x hidden] accumulator, nothing per chunk more."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tokens, hidden_size, vocab, chunk = 2048, 64, 4000, 512
+    torch.manual_seed(0)
+    hidden = torch.randn(tokens, hidden_size, dtype=dtype, requires_grad=True)
+    weight = torch.nn.Parameter(torch.randn(vocab, hidden_size, dtype=dtype))
+    targets = torch.randint(0, vocab, (tokens,))
+    tracker = MemTracker()
+    tracker.track_external(hidden, weight)
+    with tracker:
+        chunked_cross_entropy(hidden, weight, targets, chunk).backward()
+    peak = sum(stats.get("Total", 0) for stats in tracker.get_tracker_snapshot("peak").values())
+    size = torch.finfo(dtype).bits // 8
+    inputs_and_grads = 2 * (tokens + vocab) * hidden_size * size
+    chunk_bytes = chunk * vocab * (4 + (size if size != 4 else 0))
+    accumulator = vocab * hidden_size * 4 if size != 4 else 0  # fp32 weight grad is the grad
+    bound = inputs_and_grads + chunk_bytes + accumulator + tokens * 4 + 2**16  # lse, scalars
+    assert peak <= bound, (peak, bound)
+    assert peak >= inputs_and_grads + chunk * vocab * 4  # the fp32 chunk is really there
