@@ -3,8 +3,10 @@
 The binding constraint is found by solving the MILP of the most promising layouts with the
 budget in question dropped and its use minimised instead ("needs X GiB per GPU at best").
 The suggested changes are verified by re-running a feasibility search on the changed config:
-more GPUs (doubling cluster.num_nodes), a shorter sequence (bisection on train.seq_len) and,
-when host RAM binds, the host RAM that suffices.
+more GPUs (doubling cluster.num_nodes; for a command that runs on one node only, such as
+memplan train, doubling cluster.gpus_per_node up to MAX_GPUS_PER_NODE instead), a shorter
+sequence (bisection on train.seq_len) and, when host RAM binds, the host RAM that suffices.
+Every probe ends by the explanation's deadline (EXPLAIN_SECONDS).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import math
 import time
 
+from configs.errors import ConfigError
 from configs.schema import Config
 from planner.search import SearchOutcome, layout_candidates, minimum_use, probe
 from planner.units import GIB
@@ -21,12 +24,17 @@ PROBE_SECONDS = 2.0
 """Time limit of one feasibility probe."""
 EXPLAIN_SECONDS = 8.0
 """Total time spent looking for suggestions."""
+MAX_GPUS_PER_NODE = 16
+"""Most GPUs per node a single-node suggestion offers."""
 
 
-def _feasible(cfg: Config) -> bool:
+def _feasible(cfg: Config, deadline: float) -> bool:
+    left = min(PROBE_SECONDS, deadline - time.perf_counter())
+    if left <= 0:
+        return False
     try:
-        return probe(cfg, PROBE_SECONDS).best is not None
-    except Exception:  # a changed config may have no executable layout at all
+        return probe(cfg, left).best is not None
+    except ConfigError:  # a changed config may have no executable layout at all
         return False
 
 
@@ -36,15 +44,17 @@ def _with(cfg: Config, **changes: dict) -> Config:
     )
 
 
-def _more_gpus(cfg: Config, deadline: float) -> str | None:
-    nodes = cfg.cluster.num_nodes
+def _more_gpus(cfg: Config, deadline: float, single_node: bool) -> str | None:
+    """More nodes (up to 64x), or on a single-node command more GPUs on its node."""
+    key = "gpus_per_node" if single_node else "num_nodes"
+    have = getattr(cfg.cluster, key)
     for factor in (2, 4, 8, 16, 32, 64):
-        if time.perf_counter() > deadline:
+        if time.perf_counter() > deadline or (single_node and have * factor > MAX_GPUS_PER_NODE):
             return None
-        changed = _with(cfg, cluster={"num_nodes": nodes * factor})
-        if _feasible(changed):
+        changed = _with(cfg, cluster={key: have * factor})
+        if _feasible(changed, deadline):
             gpus = changed.cluster.world_size
-            return f"{gpus} GPUs (cluster.num_nodes={nodes * factor})"
+            return f"{gpus} GPUs (cluster.{key}={have * factor})"
     return None
 
 
@@ -52,20 +62,21 @@ def _shorter_sequence(cfg: Config, deadline: float) -> str | None:
     seq = cfg.train.seq_len
     quantum = 1024 if seq >= 16384 else 64 if seq >= 256 else 1
     lo, hi = 0, seq // quantum  # feasible at lo * quantum (0: unknown), infeasible at hi
-    if hi <= 1 or not _feasible(_with(cfg, train={"seq_len": quantum})):
+    if hi <= 1 or not _feasible(_with(cfg, train={"seq_len": quantum}), deadline):
         return None
     lo = 1
     while hi - lo > 1 and time.perf_counter() < deadline:
         mid = (lo + hi) // 2
-        if _feasible(_with(cfg, train={"seq_len": mid * quantum})):
+        if _feasible(_with(cfg, train={"seq_len": mid * quantum}), deadline):
             lo = mid
         else:
             hi = mid
     return f"train.seq_len<={lo * quantum}"
 
 
-def explain_infeasible(cfg: Config, outcome: SearchOutcome) -> str:
-    """One line: what binds, how much is needed, and what would make a plan feasible."""
+def explain_infeasible(cfg: Config, outcome: SearchOutcome, single_node: bool = False) -> str:
+    """One line: what binds, how much is needed, and what would make a plan feasible
+    (single_node: the command runs on one node, so never suggest more nodes)."""
     started = time.perf_counter()
     deadline = started + EXPLAIN_SECONDS
     candidates = layout_candidates(cfg)
@@ -98,7 +109,7 @@ def explain_infeasible(cfg: Config, outcome: SearchOutcome) -> str:
         reserve = cfg.planner.host_reserve_fraction
         needed_gib = math.ceil(host_need / GIB / (1.0 - reserve))
         for _ in range(3):  # verify; the plan's rounding margins may need a little more
-            if _feasible(_with(cfg, cluster={"host_memory_gib": float(needed_gib)})):
+            if _feasible(_with(cfg, cluster={"host_memory_gib": float(needed_gib)}), deadline):
                 break
             needed_gib = math.ceil(needed_gib * 1.02 + 1)
         head = (
@@ -106,10 +117,9 @@ def explain_infeasible(cfg: Config, outcome: SearchOutcome) -> str:
             f"{host_budget / GIB:.1f} GiB (cluster.host_memory_gib={have:g} minus reserve)"
         )
         suggestions.append(f"cluster.host_memory_gib>={needed_gib}")
-    for finder in (_more_gpus, _shorter_sequence):
-        found = finder(cfg, deadline)
-        if found:
-            suggestions.append(found)
+    found = [_more_gpus(cfg, deadline, single_node), _shorter_sequence(cfg, deadline)]
+    suggestions += [text for text in found if text]
     if suggestions:
         return f"{head}; feasible with {' or '.join(suggestions)}"
-    return f"{head}; no tried change (up to 64x the GPUs, shorter sequences) makes it feasible"
+    gpus = f"up to {MAX_GPUS_PER_NODE} GPUs on this node" if single_node else "up to 64x the GPUs"
+    return f"{head}; no tried change ({gpus}, shorter sequences) makes it feasible"

@@ -28,6 +28,7 @@ tp innermost; ZeRO shards over the dp x sp ranks.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from configs.errors import ConfigError
@@ -61,9 +62,14 @@ def raise_first(problems: list[Problem]) -> None:
         raise problems[0].error()
 
 
-def divisors(n: int) -> list[int]:
-    """Positive divisors of n, ascending."""
-    return [d for d in range(1, n + 1) if n % d == 0]
+def divisors(n: int, most: int | None = None) -> list[int]:
+    """Positive divisors of n (only those <= `most` when given), ascending. Trial division
+    up to sqrt(n), or up to `most`: a global batch of 10^12 costs 10^6 steps, not 10^12."""
+    if most is not None and most * most < n:
+        return [d for d in range(1, most + 1) if n % d == 0]
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    large = [n // d for d in reversed(small) if d * d != n]
+    return [d for d in small + large if most is None or d <= most]
 
 
 def world_problems(
@@ -275,7 +281,7 @@ def enumerate_layouts(
                         [train.micro_batch_size] if per_rank % train.micro_batch_size == 0 else []
                     )
                 else:
-                    sizes = [m for m in divisors(per_rank) if m <= planner.max_micro_batch_size]
+                    sizes = divisors(per_rank, planner.max_micro_batch_size)
                 backends = _backends(planner.zero_backend, tp, pp, sp)
                 for mb in sizes:
                     g = per_rank // mb

@@ -13,9 +13,14 @@ MILP, and the explanation when nothing fits.
    status says it is not proven optimal. Without any feasible layout, raise NoFeasiblePlan
    naming the binding constraint and the smallest change that makes a plan feasible
    (planner/explain.py).
+Time: the search and that probe share planner.time_limit_seconds (the probe gets at least
+PROBE_SHARE of it); the explanation of an infeasible config takes at most
+explain.EXPLAIN_SECONDS more.
 """
 
 from __future__ import annotations
+
+import time
 
 from configs.schema import Config
 from planner.assemble import build_plan, layer_policies
@@ -25,19 +30,25 @@ from planner.milp import solver_name
 from planner.plan import Plan, SolverInfo
 from planner.search import probe, search
 
+PROBE_SHARE = 0.25
+"""Least share of planner.time_limit_seconds the feasibility probe of step 5 gets."""
 
-def make_plan(cfg: Config, explain: bool = True) -> Plan:
+
+def make_plan(cfg: Config, explain: bool = True, single_node: bool = False) -> Plan:
     """The fastest predicted plan for cfg within its GPU and host memory budgets.
 
     Raises NoFeasiblePlan (one line: the binding constraint and the smallest change that
     makes a plan feasible; explain=False skips that search, for callers that only need to
-    know, such as a sweep over sequence lengths) or ConfigError (no executable layout
-    exists at all).
+    know, such as a sweep over sequence lengths; single_node=True: the command runs on this
+    node only, so the change suggested is more GPUs on it, never more nodes) or ConfigError
+    (no executable layout exists at all).
     """
     planner = cfg.planner
+    started = time.perf_counter()
     outcome = search(cfg, planner.time_limit_seconds, planner.mip_gap)
     if outcome.best is None and not (outcome.complete and outcome.proven):
-        found = probe(cfg, planner.time_limit_seconds)
+        left = planner.time_limit_seconds - (time.perf_counter() - started)
+        found = probe(cfg, max(left, PROBE_SHARE * planner.time_limit_seconds))
         if found.best is not None:  # a plan, not proven the fastest (step 5)
             found.solved += outcome.solved
             found.seconds += outcome.seconds
@@ -46,7 +57,7 @@ def make_plan(cfg: Config, explain: bool = True) -> Plan:
     if outcome.best is None or outcome.result is None:
         if not explain:
             raise NoFeasiblePlan("no plan fits the GPU and host memory budgets")
-        raise NoFeasiblePlan(explain_infeasible(cfg, outcome))
+        raise NoFeasiblePlan(explain_infeasible(cfg, outcome, single_node))
     best = outcome.best
     optimal = outcome.complete and outcome.proven
     solver = SolverInfo(

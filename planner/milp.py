@@ -37,12 +37,25 @@ import pulp
 from planner.costs import LayoutCosts
 from planner.modes import BACKWARD_GROUP_ORDER, RECOMPUTE_MODES, SPLIT_MODES
 from planner.schedules import StageMap, pipeline_step
-from planner.solution import CUT_OFF, MilpResult, Solved, StageChoice, round_split
+from planner.solution import (
+    CUT_OFF,
+    OUT_OF_RANGE,
+    MilpResult,
+    Solved,
+    StageChoice,
+    round_split,
+)
 
 ROUNDING_MARGIN_BYTES = 2**20
 """Slack for token rounding and shard padding in the exact evaluation of the plan."""
 UNIT = 2**30
 """Bytes per unit of the memory rows (GiB)."""
+
+LARGEST_COEFFICIENT = 1e12
+"""Largest coefficient, constant or objective weight (seconds, GiB) a layout's rows may carry.
+HiGHS refuses a matrix entry above 1e15 (its large_matrix_value), then reports the empty
+model optimal and PuLP fails reading it (IndexError); its tolerances mean nothing well before
+that. A layout beyond this (train.seq_len=10^12: 10^16 seconds per layer) is not solved."""
 
 _BANNER_SILENCED = False
 
@@ -189,6 +202,12 @@ class LayoutMilp:
         self._add_latency_rows()
         self._add_tail_rows()
         self._set_objective()
+
+    def largest_coefficient(self) -> float:
+        """The largest magnitude among the rows' coefficients and constants and the
+        objective's weights."""
+        rows = [*self.prob.constraints(), self.prob.objective]
+        return max((abs(x) for row in rows for x in (*row.values(), row.constant)), default=0.0)
 
     # -------------------------------------------------------------------- expressions
     # memory rows are written in GiB (UNIT): byte-sized coefficients next to seconds-sized
@@ -565,6 +584,8 @@ def solve_layout(
     """
     started = time.perf_counter()
     milp = LayoutMilp(costs, stages, num_layers, objective, floors)
+    if not milp.largest_coefficient() <= LARGEST_COEFFICIENT:  # also NaN: out of range
+        return MilpResult(*OUT_OF_RANGE, float("inf"), time.perf_counter() - started)
 
     def left() -> float:
         return time_limit - (time.perf_counter() - started)

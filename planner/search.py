@@ -11,6 +11,10 @@
    (less the gap) as a cutoff; stop when the next bound is within planner.mip_gap of the best
    step time found (no remaining layout can be faster by more than the gap, the same
    guarantee each MILP solve gives), or when planner.time_limit_seconds runs out.
+4. Solves that stopped at planner.solve_time_limit_seconds (not proven) are solved again,
+   each round with four times the limit, until every one is proven (optimal, cut off, or
+   no longer able to beat the incumbent by the gap) or the search's own time limit runs out:
+   the search settles for an unproven plan only when its whole time limit is spent.
 A feasibility probe (`probe`) instead solves the layouts most likely to fit (lowest memory
 bound first) with a loose gap and stops at the first plan. `minimum_use` solves for the least
 GPU or host memory instead of the step time (planner/explain.py uses both).
@@ -18,6 +22,7 @@ GPU or host memory instead of the step time (planner/explain.py uses both).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -39,6 +44,25 @@ FEASIBILITY_TRIES = 5
 """Layouts a feasibility probe solves at most (lowest memory bound first)."""
 FEASIBILITY_GAP = 0.5
 """Relative MILP gap of a feasibility probe: any plan that fits will do."""
+RESOLVE_FACTOR = 4.0
+"""Each round of re-solving the time-limited layouts multiplies their solve limit by this."""
+MINIMUM_SOLVE_SECONDS = 2.0
+"""Time limit of one minimal-memory solve (minimum_use)."""
+
+
+def stage_map(layout: Layout, gpus_per_node: int) -> StageMap:
+    """StageMap.of without replaying every micro-batch of a huge batch: past a few rounds of
+    pp x virtual_stages micro-batches the in-flight vectors of 1F1B, the interleaved and the
+    zero-bubble schedules repeat (checked in tests/unit/test_planner_limits.py), and GPipe
+    holds all of them: ((g,),) on every rank. The replay costs O(g) per rank otherwise."""
+    g, pp = layout.num_microbatches, layout.pp
+    steady = 2 * pp * layout.virtual_stages  # a multiple of pp, as the schedules need
+    if pp == 1 or g <= steady:
+        return StageMap.of(layout, gpus_per_node)
+    short = StageMap.of(dataclasses.replace(layout, num_microbatches=steady), gpus_per_node)
+    if layout.pp_schedule != "gpipe":
+        return short
+    return dataclasses.replace(short, inflight=tuple(((g,),) for _ in range(pp)))
 
 
 @dataclass(frozen=True)
@@ -92,7 +116,7 @@ class Candidate:
     @property
     def stages(self) -> StageMap:
         """Stage placement and in-flight counts (replays the schedule: only when solving)."""
-        return StageMap.of(self.layout, self.gpus_per_node)
+        return stage_map(self.layout, self.gpus_per_node)
 
     @property
     def order(self) -> tuple:
@@ -140,6 +164,7 @@ def search(
     started = time.perf_counter()
     deadline = started + time_limit
     solver = solver_name(cfg.planner.solver)
+    num_layers = cfg.model.num_layers
     candidates = layout_candidates(cfg)
     fits = [c for c in candidates if c.memory_bound <= c.costs.budget_bytes]
     if first_feasible:  # a feasibility probe: the layouts most likely to fit first
@@ -149,40 +174,47 @@ def search(
         fits.sort(key=lambda c: c.order)
     best: Candidate | None = None
     best_result: MilpResult | None = None
-    solved, complete, proven, statuses = 0, True, True, []
-    for cand in fits:
-        # every remaining layout is at best within the gap of the incumbent: done
-        target = None if best_result is None else best_result.objective * (1 - gap) - 1e-12
-        if target is not None and cand.time_bound >= target:
-            break
-        remaining = deadline - time.perf_counter()
-        if remaining <= 0:
-            complete = False
-            break
-        solve_limit = min(remaining, cfg.planner.solve_time_limit_seconds)
-        result = cand.solve(cfg.model.num_layers, solver, solve_limit, gap, cutoff=target)
-        solved += 1
-        statuses.append(result.solution_status)
-        if result.time_limited:
-            proven = False  # its time limit ran out (with or without a solution)
-        log.debug(
-            "%s: %s %.4g s in %.3f s",
-            cand.layout,
-            result.solution_status,
-            result.objective,
-            result.seconds,
-        )
-        if result.found and (best_result is None or result.objective < best_result.objective):
-            best, best_result = cand, result
-            if first_feasible:
+    solved, complete, statuses = 0, True, []
+    queue, pending = fits, []  # pending: solves that stopped at their time limit, in order
+    limit = cfg.planner.solve_time_limit_seconds
+    while True:
+        for i, cand in enumerate(queue):
+            # every remaining layout is at best within the gap of the incumbent: done
+            target = None if best_result is None else best_result.objective * (1 - gap) - 1e-12
+            if target is not None and cand.time_bound >= target:
                 break
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                complete = queue is not fits  # every layout was solved once
+                pending += queue[i:]
+                break
+            result = cand.solve(num_layers, solver, min(remaining, limit), gap, cutoff=target)
+            solved += 1
+            statuses.append(result.solution_status)
+            if result.time_limited:
+                pending.append(cand)  # not proven: solved again with more time (step 4)
+            log.debug(
+                "%s: %s %.4g s in %.3f s",
+                cand.layout,
+                result.solution_status,
+                result.objective,
+                result.seconds,
+            )
+            if result.found and (best_result is None or result.objective < best_result.objective):
+                best, best_result = cand, result
+                if first_feasible:
+                    break
+        if first_feasible or not pending or time.perf_counter() >= deadline:
+            break
+        queue, pending = pending, []
+        limit *= RESOLVE_FACTOR
     return SearchOutcome(
         best,
         best_result,
         solved,
         len(candidates),
         complete,
-        proven,
+        not pending,
         statuses,
         time.perf_counter() - started,
     )
@@ -201,7 +233,11 @@ def minimum_use(cfg: Config, objective: str, time_limit: float) -> float | None:
         if remaining <= 0:
             break
         result = cand.solve(
-            cfg.model.num_layers, solver, min(remaining, 2.0), 0.0, objective=objective
+            cfg.model.num_layers,
+            solver,
+            min(remaining, MINIMUM_SOLVE_SECONDS),
+            0.0,
+            objective=objective,
         )
         if result.found:
             best = result.objective if best is None else min(best, result.objective)

@@ -11,6 +11,9 @@ FOUND = ("Optimal Solution Found", "Solution Found")
 """pulp.LpSolution names of a solve that has a solution (optimal, or the best at a limit)."""
 CUT_OFF = ("Cut off", "No solution below the cutoff")
 """(status, solution_status) of a layout that cannot beat the cutoff."""
+OUT_OF_RANGE = ("Not Solved", "Coefficients out of range")
+"""(status, solution_status) of a layout whose rows the solver cannot represent (milp.py's
+LARGEST_COEFFICIENT): read as no solution."""
 
 
 @dataclass(frozen=True)
