@@ -177,10 +177,25 @@ def inflight_profiles(
 ) -> tuple[tuple[tuple[int, ...], ...], ...]:
     """Per pp rank: the maximal vectors of in-flight micro-batches per local chunk.
 
-    pp = 1 (schedule "none") runs one micro-batch at a time: ((1,),).
+    pp = 1 (schedule "none") runs one micro-batch at a time: ((1,),). Past a few rounds of
+    pp x virtual_stages micro-batches the vectors of 1F1B, the interleaved and the zero-bubble
+    schedules repeat (tests/unit/test_planner_limits.py checks it against the full replay),
+    and GPipe holds all of them, so a huge batch replays only 2 x pp x virtual_stages.
     """
     if schedule == "none":
         return (((1,),),)
+    steady = 2 * pp * virtual_stages  # a multiple of pp, as the schedules need
+    if num_microbatches > steady:
+        if schedule == "gpipe":
+            return tuple(((num_microbatches,),) for _ in range(pp))
+        return replayed_inflight_profiles(schedule, pp, virtual_stages, steady)
+    return replayed_inflight_profiles(schedule, pp, virtual_stages, num_microbatches)
+
+
+def replayed_inflight_profiles(
+    schedule: str, pp: int, virtual_stages: int, num_microbatches: int
+) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """inflight_profiles by replaying every action of every micro-batch (O(micro-batches))."""
     chunks = 2 if schedule == "zbv_zero_bubble" else virtual_stages
     profiles = []
     for rank in range(pp):

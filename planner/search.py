@@ -22,7 +22,6 @@ GPU or host memory instead of the step time (planner/explain.py uses both).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -48,21 +47,6 @@ RESOLVE_FACTOR = 4.0
 """Each round of re-solving the time-limited layouts multiplies their solve limit by this."""
 MINIMUM_SOLVE_SECONDS = 2.0
 """Time limit of one minimal-memory solve (minimum_use)."""
-
-
-def stage_map(layout: Layout, gpus_per_node: int) -> StageMap:
-    """StageMap.of without replaying every micro-batch of a huge batch: past a few rounds of
-    pp x virtual_stages micro-batches the in-flight vectors of 1F1B, the interleaved and the
-    zero-bubble schedules repeat (checked in tests/unit/test_planner_limits.py), and GPipe
-    holds all of them: ((g,),) on every rank. The replay costs O(g) per rank otherwise."""
-    g, pp = layout.num_microbatches, layout.pp
-    steady = 2 * pp * layout.virtual_stages  # a multiple of pp, as the schedules need
-    if pp == 1 or g <= steady:
-        return StageMap.of(layout, gpus_per_node)
-    short = StageMap.of(dataclasses.replace(layout, num_microbatches=steady), gpus_per_node)
-    if layout.pp_schedule != "gpipe":
-        return short
-    return dataclasses.replace(short, inflight=tuple(((g,),) for _ in range(pp)))
 
 
 @dataclass(frozen=True)
@@ -116,7 +100,7 @@ class Candidate:
     @property
     def stages(self) -> StageMap:
         """Stage placement and in-flight counts (replays the schedule: only when solving)."""
-        return stage_map(self.layout, self.gpus_per_node)
+        return StageMap.of(self.layout, self.gpus_per_node)
 
     @property
     def order(self) -> tuple:
