@@ -39,8 +39,10 @@ Transient working set on a rank (beyond the states and the in-flight saved activ
                           layer each; only on ranks that offload or recompute anything)
                           + ZeRO-3: two gathered layers and one unsharded gradient;
                           ZeRO-2: one unsharded layer gradient
-    loss (last stage)     min(loss_chunk_tokens, T) x vocab x (a + 8) logits chunk in the
-                          dtype and fp32 + the fp32 [vocab, H] gradient accumulator
+    loss (last stage)     loss_transient_bytes: one fp32 min(loss_chunk_tokens, T) x vocab
+                          block (+ its copy in the dtype when that is not fp32) + the fp32
+                          [vocab, H] weight-gradient accumulator (bf16 only: in fp32 it is
+                          the gradient itself, counted with the gradients)
                           + ZeRO-3: the gathered output projection
 Pipeline stages also hold each in-flight micro-batch's stage input and output (T H a each:
 torch.distributed.pipelining keeps them for the backward).
@@ -485,6 +487,16 @@ def _stage_extras(
 
 
 @functools.lru_cache(maxsize=8192)
+def loss_transient_bytes(chunk_tokens: int, vocab: int, hidden: int, dtype_bytes: int) -> int:
+    """Working set of framework/components/loss.py's backward beyond its inputs and the
+    gradients it returns: one fp32 [chunk x vocab] block built in place, its copy in the
+    training dtype when that is not fp32, and (bf16) the fp32 weight-gradient accumulator.
+    Measured with torch's MemTracker in tests/unit/test_loss.py."""
+    fp32 = dtype_bytes == FP32_BYTES
+    block = chunk_tokens * vocab * (FP32_BYTES + (0 if fp32 else dtype_bytes))
+    return block + (0 if fp32 else vocab * hidden * FP32_BYTES)
+
+
 def layout_costs(
     model: ModelConfig,
     cluster: ClusterConfig,
@@ -514,9 +526,7 @@ def layout_costs(
     psi, hidden, ffn = rank.counts.layer, rank.hidden, rank.ffn
     workspace = rank.tokens * a * (WORKSPACE_FFN_TENSORS * ffn + WORKSPACE_HIDDEN_TENSORS * hidden)
     loss_chunk = min(train.loss_chunk_tokens, rank.tokens)
-    loss_transient = (
-        loss_chunk * rank.vocab * (a + 2 * FP32_BYTES) + rank.vocab * hidden * FP32_BYTES
-    )
+    loss_transient = loss_transient_bytes(loss_chunk, rank.vocab, hidden, a)
     output_params = rank.counts.output or rank.counts.embedding
     budget, reserved = gpu_budget_bytes(cluster, planner)
     none = layer.modes["none"]
