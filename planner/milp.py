@@ -26,15 +26,14 @@ solve and reads the status by name; read() makes the MilpResult. solve_layout ru
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import time
 import warnings
 
 import pulp
 
 from planner.costs import LayoutCosts
+from planner.highs import silence_highs_banner
 from planner.modes import BACKWARD_GROUP_ORDER, RECOMPUTE_MODES, SPLIT_MODES
 from planner.schedules import StageMap, pipeline_step
 from planner.solution import (
@@ -57,27 +56,6 @@ HiGHS refuses a matrix entry above 1e15 (its large_matrix_value), then reports t
 model optimal and PuLP fails reading it (IndexError); its tolerances mean nothing well before
 that. A layout beyond this (train.seq_len=10^12: 10^16 seconds per layer) is not solved."""
 
-_BANNER_SILENCED = False
-
-
-def _silence_highs_banner() -> None:
-    """highspy prints a banner to stdout when its first Highs object is created, whatever
-    the options; create that first object with stdout pointed at /dev/null."""
-    global _BANNER_SILENCED
-    if _BANNER_SILENCED:
-        return
-    _BANNER_SILENCED = True
-    import highspy
-
-    with contextlib.ExitStack() as stack:
-        saved = os.dup(1)
-        stack.callback(os.close, saved)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        stack.callback(os.close, devnull)
-        os.dup2(devnull, 1)
-        stack.callback(os.dup2, saved, 1)
-        highspy.Highs()
-
 
 def solver_name(choice: str) -> str:
     """'HiGHS' or 'CBC' for planner.solver (auto: HiGHS when highspy is importable)."""
@@ -97,7 +75,7 @@ def _solver(
     """A bounded solver; `cutoff` prunes every branch that cannot beat it (no solution
     below it reads as infeasible); mip=False solves the LP relaxation."""
     if name == "HiGHS":
-        _silence_highs_banner()
+        silence_highs_banner()
         options = {} if cutoff is None else {"objective_bound": cutoff}
         return pulp.HiGHS(
             mip=mip, msg=False, timeLimit=time_limit, gapRel=gap, threads=1, **options
