@@ -83,15 +83,22 @@ def check_bounds(
             raise ConfigError(key, f"must be {allowed}{or_null}, got {value}")
 
 
-def read_json_object(path: str | Path, key: str) -> dict[str, Any]:
+def read_json_object(path: str | Path, key: str, kind: str = "a JSON") -> dict[str, Any]:
     """The JSON object in the file `path`; a ConfigError under `key` ("plan.path") when the file
-    cannot be read, is not JSON or holds something other than an object."""
+    cannot be read, is not UTF-8 text ("... is not {kind} file"), is not JSON or holds
+    something other than an object."""
     try:
-        data = json.loads(Path(path).read_text())
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            key, f"{path} is not {kind} file (not UTF-8 text: byte {exc.start})"
+        ) from exc
     except json.JSONDecodeError as exc:
-        raise ConfigError(key, f"{path} is not valid JSON ({exc.msg})") from exc
+        raise ConfigError(key, f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from exc
     if not isinstance(data, dict):
         raise ConfigError(key, f"{path} does not hold a JSON object")
     return data

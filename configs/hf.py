@@ -308,11 +308,7 @@ def _attention_bias(file: _HfFile, family: str) -> tuple[bool, bool]:
 
 
 def _read_object(path: str) -> dict[str, Any]:
-    try:
-        return read_json_object(path, KEY)
-    except UnicodeDecodeError as exc:
-        why = f"{path} is not UTF-8 text (byte {exc.start}), so not a config.json"
-        raise ConfigError(KEY, why) from exc
+    return read_json_object(path, KEY, kind="a config.json")
 
 
 def read_hf_config(path: str) -> dict[str, Any]:

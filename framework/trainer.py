@@ -21,7 +21,7 @@ from framework.components.data import TokenLoader, open_tokens
 from framework.components.device import resolve_device, resolve_dtype
 from framework.components.distributed import init_distributed
 from framework.components.logs import log_rank0
-from framework.components.metrics import MetricsTracker
+from framework.components.metrics import MetricsTracker, header_summary
 from framework.components.tracking import WandbTracker
 from framework.runtime import TrainRuntime, build_runtime
 from planner.plan import Plan
@@ -81,6 +81,7 @@ def train(cfg: Config, plan: Plan, run_dir: Path) -> TrainResult:
         f"{tokens_per_step:,} tokens/step ({layout.num_microbatches} micro-batches of "
         f"{layout.micro_batch_size}) | {cfg.train.steps} steps",
     )
+    log_rank0(logger, header_summary(plan, metrics))
     checkpointer = build_checkpointer(cfg, plan, run_dir, runtime, device)
     result = TrainResult()
     # A snapshot overlaps the next forward/backward: the runtime calls this hook right

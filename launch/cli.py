@@ -49,6 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NoFeasiblePlan as exc:
         print(f"memplan {command}: no feasible plan: {exc}", file=sys.stderr)
         return 3
+    except OSError as exc:  # a file the checks above missed: still one line, the file named
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"memplan {command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

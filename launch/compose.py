@@ -8,10 +8,12 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -41,17 +43,39 @@ def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else "invalid value"
 
 
+def _presets(group: str) -> list[str]:
+    """Preset names of a config group (configs/<group>/*.yaml)."""
+    return sorted(path.stem for path in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
 def translate_hydra_error(exc: BaseException, overrides: Sequence[str]) -> ConfigError:
     """Turn a Hydra/OmegaConf composition failure into a one-line ConfigError."""
     if isinstance(exc, MissingConfigException):
-        found = re.search(r"Could not find '([^'/]+)/([^']+)'", str(exc))
-        options = re.findall(r"^\t(\S+)$", str(exc), flags=re.M)
+        found = re.search(r"Could not (?:find|load) '([^'/]+)/([^']+)'", str(exc))
         if found:
             group, name = found.groups()
+            options = _presets(group) or re.findall(r"^\t(\S+)$", str(exc), flags=re.M)
             return ConfigError(
                 f"{group}={name}", f"unknown preset; available: {', '.join(sorted(options))}"
             )
         return ConfigError("config", _first_line(str(exc)))
+    message = str(exc)
+    unknown = re.match(r"Could not override '([^']+)'", message)
+    if unknown:
+        key = unknown.group(1)
+        known = _known_keys(key) if "/" not in key and "@" not in key else []
+        hint = f"; known keys here: {', '.join(known)}" if known else ""
+        return ConfigError(key, f"unknown key{hint}")
+    sweep = re.match(r"Ambiguous value for argument '([^=']+)=([^']*)'", message)
+    if sweep:
+        key, values = sweep.groups()
+        return ConfigError(
+            key, f"{values} is a sweep: memplan plan -m plans each value; give one value here"
+        )
+    taken = re.match(r"Could not append to config\. An item is already at '([^']+)'", message)
+    if taken:
+        key = taken.group(1)
+        return ConfigError(f"+{key}", f"{key} exists already; override it as {key}=VALUE")
     chain: list[BaseException] = []
     cause: BaseException | None = exc
     while cause is not None and cause not in chain:
@@ -83,14 +107,48 @@ def _explicit_model_keys(overrides: Sequence[str]) -> set[str]:
     return keys
 
 
+def _parse_detail(exc: BaseException) -> str:
+    """What Hydra's override parser objects to, shortened to a phrase."""
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if not line or line.startswith(("Error parsing override", "See https", "^")):
+            continue
+        if line.startswith("LexerNoViableAltException"):
+            return "a character that needs quoting"
+        return line.split(" expecting ")[0]
+    return "unparsable"
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Parse each override on its own, so a malformed one is named: `=5` (no key),
+    `train.seq_len` (no value), `model=tiny,` (a dangling comma)."""
+    parser = OverridesParser.create()
+    for override in overrides:
+        guess = override.split("=", 1)[0].lstrip("~+") or override
+        try:
+            (parsed,) = parser.parse_overrides([override])
+        except HydraException as exc:
+            raise ConfigError(
+                guess, f"cannot parse {override!r} ({_parse_detail(exc)}); write key=value"
+            ) from exc
+        if not parsed.key_or_group:
+            raise ConfigError(
+                "override",
+                f"{override!r} has no key; write overrides as key=value (e.g. train.seq_len=4096)",
+            )
+
+
 def compose_raw(overrides: Sequence[str]) -> dict[str, Any]:
     """The composed config as a plain dict (defaults + presets + overrides), not yet typed."""
+    check_overrides(overrides)
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             composed: DictConfig = compose("config", overrides=list(overrides))
             raw = OmegaConf.to_container(composed, resolve=True)
     except (HydraException, OmegaConfBaseException) as exc:
         raise translate_hydra_error(exc, overrides) from exc
+    except ValueError as exc:  # Hydra's own checks of override values (e.g. `model=5`)
+        raise ConfigError("override", f"{_first_line(str(exc))} ({' '.join(overrides)})") from exc
     assert isinstance(raw, dict)
     raw.pop("hydra", None)
     return raw

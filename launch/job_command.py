@@ -26,7 +26,13 @@ from configs.errors import ConfigError
 from configs.schema import Config
 from launch.compose import compose_config
 from launch.plan_source import plan_for
-from launch.run_dir import default_run_dir, pin_paths, prepare_run_dir
+from launch.run_dir import (
+    check_not_locked,
+    check_writable_file,
+    default_run_dir,
+    pin_paths,
+    prepare_run_dir,
+)
 from launch.train_command import redirect_other_local_ranks, torchrun_prefix
 from planner.plan import Plan
 
@@ -171,14 +177,17 @@ def run(args: list[str]) -> int:
     if cfg.job.submit and shutil.which("sbatch") is None:
         raise ConfigError("job.submit", _NO_SBATCH)  # before planning: fail fast
     files = job_files(cfg)
+    key = "job.out" if cfg.job.out else "launch.run_dir"
+    check_writable_file(files.script, key)  # before planning: the real reason, nothing written
+    check_not_locked(files.run_dir, key)
     plan = plan_for(cfg)
     text = script_text(cfg, plan, files)
-    prepare_run_dir(cfg, plan, files.run_dir, key="job.out")
+    prepare_run_dir(cfg, plan, files.run_dir, key=key)
     try:
         files.script.write_text(text)
         files.script.chmod(0o755)
     except OSError as exc:
-        raise ConfigError("job.out", f"cannot write {files.script}: {exc.strerror}") from exc
+        raise ConfigError(key, f"cannot write {files.script}: {exc.strerror}") from exc
 
     layout, cluster = plan.layout, cfg.cluster
     print(f"memplan job: wrote {files.script}")

@@ -15,14 +15,16 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from configs.errors import ConfigError
 from configs.schema import Config
-from launch.compose import compose_config
+from launch.compose import check_overrides, compose_config
 from launch.plan_source import plan_for
+from launch.run_dir import check_writable_file
 from planner.errors import NoFeasiblePlan
 from planner.flops import matmul_params
 from planner.plan import LayerPlan, Plan
@@ -195,15 +197,50 @@ def print_plan(plan: Plan, cfg: Config, console: Console) -> None:
     )
 
 
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def plot_path(plot: str) -> Path:
+    """The file plan.plot=PATH writes: PATH, or PATH.png when it has no suffix (what
+    matplotlib would write); ConfigError for a directory or a file type it cannot draw."""
+    target = Path(plot)
+    if target.is_dir():
+        raise ConfigError(
+            "plan.plot", f"{plot} is a directory; give a file name, e.g. {target / 'plan.png'}"
+        )
+    if not target.suffix:
+        return target.with_name(target.name + ".png")
+    if target.suffix.lower() not in PLOT_SUFFIXES:
+        allowed = ", ".join(PLOT_SUFFIXES)
+        raise ConfigError("plan.plot", f"{plot}: allowed file types {allowed}, got {target.suffix}")
+    return target
+
+
+def check_outputs(cfg: Config) -> None:
+    """plan.out and plan.plot can be written: checked before planning, so a bad path fails
+    fast and nothing is half-written after the plan was printed."""
+    if cfg.plan.out:
+        check_writable_file(cfg.plan.out, "plan.out")
+    if cfg.plan.plot:
+        check_writable_file(plot_path(cfg.plan.plot), "plan.plot")
+
+
 def _write_outputs(plan: Plan, cfg: Config, console: Console) -> None:
     if cfg.plan.out:
-        plan.write(cfg.plan.out)
+        try:
+            plan.write(cfg.plan.out)
+        except OSError as exc:  # checked before planning; changed since
+            raise ConfigError("plan.out", f"cannot write {cfg.plan.out}: {exc.strerror}") from exc
         console.print(f"wrote {cfg.plan.out}")
     if cfg.plan.plot:
         from planner.plot import write_plot
 
-        write_plot(plan, cfg.plan.plot)
-        console.print(f"wrote {cfg.plan.plot}")
+        target = plot_path(cfg.plan.plot)
+        try:
+            write_plot(plan, target)
+        except OSError as exc:
+            raise ConfigError("plan.plot", f"cannot write {target}: {exc.strerror}") from exc
+        console.print(f"wrote {target}")
 
 
 def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
@@ -212,6 +249,7 @@ def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    check_overrides(overrides)  # names the malformed one
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except HydraException as exc:
@@ -224,9 +262,9 @@ def run_multirun(overrides: Sequence[str], console: Console) -> int:
     """Plan every sweep point; one comparison table. 3 when no point is feasible."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    jobs = expand_sweep(overrides)  # a malformed override is bad input, named
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     swept = [o.key_or_group for o in parsed if o.is_sweep_override()]
-    jobs = expand_sweep(overrides)
     configs = [compose_config(job) for job in jobs]  # bad input fails before any planning
     table = Table(title=f"memplan plan: {len(jobs)} points", title_justify="left")
     for key in swept:
@@ -270,6 +308,7 @@ def run(args: Sequence[str]) -> int:
     if multirun:
         return run_multirun(overrides, console)
     cfg = compose_config(overrides)
+    check_outputs(cfg)
     plan = plan_for(cfg)
     print_plan(plan, cfg, console)
     _write_outputs(plan, cfg, console)

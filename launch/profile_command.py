@@ -6,6 +6,10 @@ The plan is plan.path=PATH or a fresh one from the planner; a plan that does not
 model, batch or cluster is bad input (exit 2). What runs here (one pipeline stage, per-rank
 widths, scaled down on the CPU) is described in framework/measure/setup.py and printed above
 the table; each step is the runtime's train step (framework/measure/stage_step.py).
+
+profile.mode=trace runs no real step: one step of the plan's own runtime at its real per-rank
+dims under FakeTensorMode with torch's memory trackers (framework/measure/trace.py), and
+prints predicted vs traced peak for the traced rank and per phase of the step.
 """
 
 from __future__ import annotations
@@ -21,24 +25,13 @@ from rich.table import Table
 from configs.errors import ConfigError
 from configs.schema import Config
 from framework.measure.report import ProfileReport, format_error, median_step_seconds
+from framework.measure.trace import TraceReport
 from launch.compose import compose_config
-from planner.plan import LayerPlan, Plan
+from launch.plan_source import plan_for
+from planner.plan import LayerPlan, Plan, check_plan_matches
 from planner.units import format_bytes
 
 logger = logging.getLogger(__name__)
-
-
-def plan_for_profile(cfg: Config) -> Plan:
-    """plan.path, or the planner's plan for cfg."""
-    if cfg.plan.path:
-        return Plan.read(cfg.plan.path)
-    try:
-        from planner.make import make_plan
-    except ImportError as exc:
-        raise ConfigError(
-            "plan.path", "no planner search in this memplan: pass plan.path=PLAN.json"
-        ) from exc
-    return make_plan(cfg)
 
 
 def policy_label(policy: LayerPlan) -> str:
@@ -140,6 +133,108 @@ def print_report(report: ProfileReport, plan: Plan, console: Console) -> None:
         console.print(line, highlight=False)
 
 
+def trace_table(report: TraceReport) -> Table:
+    """Traced peak per phase of the step against the plan's peak."""
+    table = Table(title="traced peak per phase of step 2 (device bytes)", title_justify="left")
+    table.add_column("phase")
+    table.add_column("traced peak", justify="right")
+    table.add_column("vs predicted peak", justify="right")
+    for phase in report.phases:
+        marker = " <- peak" if phase.name == report.peak_phase else ""
+        table.add_row(
+            phase.name + marker,
+            format_bytes(phase.traced_peak_bytes),
+            format_error(phase.traced_peak_bytes, report.predicted_peak_bytes),
+        )
+    return table
+
+
+def breakdown_lines(report: TraceReport) -> list[str]:
+    """The plan's breakdown and the tracker's categories at the peak."""
+    predicted = ", ".join(
+        f"{key.removesuffix('_bytes')} {format_bytes(value)}"
+        for key, value in report.predicted.items()
+    )
+    traced = ", ".join(
+        f"{key} {format_bytes(value)}"
+        for key, value in report.traced_at_peak.items()
+        if key != "Total"
+    )
+    return [f"predicted at peak: {predicted}", f"traced at peak: {traced}"]
+
+
+def print_trace(report: TraceReport, plan: Plan, console: Console) -> None:
+    layout = plan.layout
+    console.print(
+        f"memplan profile (trace): {plan.model.name} plan (dp={layout.dp} tp={layout.tp} "
+        f"pp={layout.pp} sp={layout.sp} zero={layout.zero_stage}) traced under FakeTensorMode: "
+        f"{report.runtime} with {report.tracker}, rank {report.traced_rank} of "
+        f"{report.world_size}, micro-batch {layout.micro_batch_size} x "
+        f"{plan.train.seq_len // layout.sp} tokens x {layout.num_microbatches}, "
+        f"{len(plan.layers)} layers, {plan.train.dtype}",
+        highlight=False,
+    )
+    for note in report.notes:
+        console.print(f"  {note}", highlight=False)
+    console.print(trace_table(report))
+    console.print(
+        f"rank {report.traced_rank}: predicted peak {format_bytes(report.predicted_peak_bytes)}"
+        f" traced peak {format_bytes(report.traced_peak_bytes)} "
+        f"({format_error(report.traced_peak_bytes, report.predicted_peak_bytes)}) in "
+        f"{report.peak_phase}; host predicted {format_bytes(report.predicted_host_bytes)} "
+        f"traced {format_bytes(report.traced_host_bytes)}",
+        highlight=False,
+    )
+    for line in breakdown_lines(report):
+        console.print(line, highlight=False)
+    console.print(
+        f"left after the step: {format_bytes(report.traced_after_step_bytes)} (predicted "
+        "params + optimizer "
+        f"{format_bytes(report.predicted['params_bytes'] + report.predicted['optimizer_bytes'])}"
+        f"); freed only by the garbage collector: {format_bytes(report.traced_gc_bytes)}",
+        highlight=False,
+    )
+
+
+def write_json(cfg: Config, payload: dict, console: Console) -> None:
+    target = Path(cfg.profile.out)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(payload, indent=2) + "\n")
+    except OSError as exc:
+        raise ConfigError("profile.out", f"cannot write {target}: {exc.strerror}") from exc
+    console.print(f"wrote {target}", highlight=False)
+
+
+def run_trace(cfg: Config, plan: Plan, console: Console) -> int:
+    """profile.mode=trace: one traced step; an untraceable layout is one line, exit 0."""
+    from framework.measure.trace import trace_plan, untraced_reason
+
+    check_plan_matches(plan, cfg.model, cfg.cluster, cfg.train)
+    reason = untraced_reason(plan)
+    if reason is not None:
+        console.print(f"memplan profile (trace): {reason}", highlight=False)
+        if cfg.profile.out:
+            write_json(cfg, {"traced": False, "reason": reason}, console)
+        return 0
+    try:
+        report = trace_plan(cfg.model, cfg.train, plan)
+    except ConfigError:
+        raise
+    except Exception as exc:  # a piece that cannot run under fake tensors: say which, go on
+        logger.debug("trace failed", exc_info=True)
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        reason = f"this layout not traced: {type(exc).__name__} under fake tensors: {first}"
+        console.print(f"memplan profile (trace): {reason}", highlight=False)
+        if cfg.profile.out:
+            write_json(cfg, {"traced": False, "reason": reason}, console)
+        return 0
+    print_trace(report, plan, console)
+    if cfg.profile.out:
+        write_json(cfg, {"traced": True, **report.to_dict()}, console)
+    return 0
+
+
 def run(args: list[str]) -> int:
     """Compose, take the plan, run it here, print (and write) predicted vs measured."""
     import torch
@@ -147,7 +242,10 @@ def run(args: list[str]) -> int:
     from framework.measure.profile import profile_setup, run_profile
 
     cfg = compose_config(args)
-    plan = plan_for_profile(cfg)
+    plan = plan_for(cfg)  # plan.path checked as for train, or the planner's plan
+    if cfg.profile.mode == "trace":
+        console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=False)
+        return run_trace(cfg, plan, console)
     use_cuda = cfg.cluster.device == "cuda" and torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     setup = profile_setup(cfg, plan, device, cfg.profile.scale, cfg.profile.seq_len)
@@ -157,11 +255,5 @@ def run(args: list[str]) -> int:
     console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=False)
     print_report(report, plan, console)
     if cfg.profile.out:
-        target = Path(cfg.profile.out)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        except OSError as exc:
-            raise ConfigError("profile.out", f"cannot write {target}: {exc.strerror}") from exc
-        console.print(f"wrote {target}", highlight=False)
+        write_json(cfg, report.to_dict(), console)
     return 0

@@ -4,11 +4,21 @@ Each rank writes its lines to RUN_DIR/logs/rank<R>.log; rank 0 also prints them.
 
 Workers load RUN_DIR/resolved.yaml and RUN_DIR/plan.json written by the launcher; they never
 run Hydra (so ranks do not race on Hydra output directories).
+
+Bad input found here (the same on every rank) ends the worker with exit code 2 and one line:
+in the rank's log, and in $MEMPLAN_ERROR_FILE when `memplan train` started it (the launcher
+prints that line instead of torchrun's traceback), else on the console.
+
+torchrun starts each worker in a session of its own, so a signal to the launcher's process
+group never reaches it: under torchrun the worker asks the kernel for SIGKILL when torchrun
+dies (PR_SET_PDEATHSIG), so a killed launcher or agent never leaves a worker training.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -17,9 +27,52 @@ from framework.components.distributed import shutdown_distributed
 from framework.components.logs import rank, setup_logging
 from framework.trainer import train
 from launch.compose import load_resolved
+from launch.train_command import ERROR_FILE_ENV, die_with_parent
 from planner.plan import Plan
 
 logger = logging.getLogger(__name__)
+
+
+def follow_torchrun() -> bool:
+    """Under torchrun: die when the agent dies. False when the agent is already gone."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return True  # started by hand: its parent is a shell, which may come and go
+    parent = os.getppid()
+    die_with_parent(signal.SIGKILL)
+    return os.getppid() == parent  # else it died before the request took effect
+
+
+def report_bad_input(exc: ConfigError) -> None:
+    """The one line: to the launcher's error file when there is one (it prints it), else on
+    the console; always in this rank's log."""
+    line = f"memplan worker: error: {exc}"
+    error_file = os.environ.get(ERROR_FILE_ENV)
+    if not error_file:
+        logger.error(line)
+        return
+    try:  # the first rank to fail writes it; the others have the same input
+        fd = os.open(error_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{exc}\n")
+    except FileExistsError:
+        pass
+    except OSError:
+        logger.error(line)  # the launcher cannot get it: the console must
+        return
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, line, (), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):  # the rank log, not the console
+            handler.handle(record)
+
+
+def nothing_left(steps: int, start_step: int) -> str | None:
+    """The line for a rerun of a finished run (it resumed at or past train.steps)."""
+    if start_step < steps:
+        return None
+    return (
+        f"nothing left to do: the checkpoint is at step {start_step} and train.steps={steps};"
+        " raise train.steps to train on, or checkpoint.resume=none to start again"
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -28,16 +81,21 @@ def main(argv: list[str]) -> int:
         setup_logging()
         logger.error("usage: python -m launch.worker RUN_DIR")
         return 2
+    if not follow_torchrun():
+        return 1
     run_dir = Path(argv[0])
     setup_logging(run_dir / "logs" / f"rank{rank()}.log")
     try:
         cfg = load_resolved(str(run_dir / "resolved.yaml"))
         plan = Plan.read(run_dir / "plan.json")
-        train(cfg, plan, run_dir)
+        result = train(cfg, plan, run_dir)
     except ConfigError as exc:  # the same input on every rank: every rank stops here
-        logger.error("memplan worker: error: %s", exc)
+        report_bad_input(exc)
         shutdown_distributed()
         return 2
+    done = nothing_left(cfg.train.steps, result.start_step)
+    if done and rank() == 0:
+        logger.info(done)
     # Only after success: a rank that failed must not wait in a collective teardown for
     # peers that may still be inside a collective (torchrun stops them when this one exits).
     shutdown_distributed()

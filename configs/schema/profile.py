@@ -21,6 +21,10 @@ class ProfileConfig:
     """Local tokens per sequence of a scaled-down run; None: min(128, train.seq_len / sp)."""
     baseline: bool = False
     """Also time the same steps with every activation policy removed (offload overhead)."""
+    mode: Literal["run", "trace"] = "run"
+    """run: real steps on this machine's device; trace: one step of the plan's runtime at its
+    real per-rank dims under FakeTensorMode with torch's MemTracker / FSDPMemTracker (no GPU,
+    no memory): predicted vs traced peak per rank and phase (framework/measure/trace.py)."""
 
     def __post_init__(self) -> None:
         check_bounds(self, "profile", ("steps", "seq_len"), at_least=1)  # seq_len may be null

@@ -1,11 +1,20 @@
-"""The metrics line: step | loss | grad_norm | mem GiB (%) | tok/s | TFLOP/s | MFU %.
+"""The metrics line: step | loss | grad_norm | mem GiB (%) | tok/s | TFLOP/s | MFU %, and the
+run summary printed under the trainer's header (layout, backend, schedule, per-layer policy,
+what `mem` measures).
 
 Throughput is averaged over the steps since the previous log line. Reading the loss and the
 gradient norm is a host-device sync point, so it happens only on logging steps.
+
+`mem` is what can be measured against a budget it belongs to: on CUDA the peak allocated
+device memory against cluster.gpu_memory_gib; on the CPU, which has no device memory, the
+process' peak resident set against this host's RAM (not against the emulated GPU size the
+plan was made for: a CPU process' RSS holds Python, torch and the data, not a GPU's bytes).
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -14,6 +23,7 @@ import torch
 
 from configs.schema import ModelConfig
 from planner.flops import training_flops_per_token
+from planner.plan import LayerPlan, Plan
 from planner.units import GIB
 
 
@@ -47,6 +57,17 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def host_memory_bytes() -> int:
+    """RAM this process can use: the machine's, or its cgroup's limit when that is lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/sys/fs/cgroup/memory.max") as limit:  # cgroup v2; "max" = no limit
+            text = limit.read().strip()
+    except OSError:
+        return total
+    return min(total, int(text)) if text.isdigit() else total
+
+
 class MetricsTracker:
     """Turns per-step losses into metrics lines at logging steps."""
 
@@ -64,8 +85,18 @@ class MetricsTracker:
         self.tokens_per_step = tokens_per_step
         self.world_size = world_size
         self.peak_flops = peak_tflops * 1e12
-        self.memory_capacity_bytes = memory_capacity_bytes
         self.device = device
+        if device.type == "cuda":
+            self.memory_capacity_bytes = memory_capacity_bytes
+            self.memory_label = (
+                f"peak allocated on {device.type} of {memory_capacity_bytes / GIB:.3g} GiB"
+                " (cluster.gpu_memory_gib)"
+            )
+        else:  # no device memory: the process' RSS, against the RAM it lives in
+            self.memory_capacity_bytes = float(host_memory_bytes())
+            self.memory_label = (
+                f"peak RSS of this process of {self.memory_capacity_bytes / GIB:.3g} GiB host RAM"
+            )
         self.start_window()
 
     def start_window(self) -> None:
@@ -98,3 +129,65 @@ class MetricsTracker:
             tflops=flops_per_device / 1e12,
             mfu=flops_per_device / self.peak_flops,
         )
+
+
+def _policy(layer: LayerPlan) -> str:
+    """One layer's activation policy in words: 'keep', 'full', 'selective off 0.30 rec
+    0.20 anc 1.00'."""
+    if layer.keeps_everything:
+        return "keep"
+    if layer.recompute == "full":
+        text = "full"
+    else:
+        parts = [] if layer.recompute == "none" else [layer.recompute]
+        if layer.offload_fraction:
+            parts.append(f"off {layer.offload_fraction:.2f}")
+        if layer.recompute_fraction:
+            parts.append(f"rec {layer.recompute_fraction:.2f}")
+        text = " ".join(parts)
+    if layer.anchor_offload_fraction:
+        text = f"{text} anc {layer.anchor_offload_fraction:.2f}".strip()
+    return text or "keep"
+
+
+def policy_summary(plan: Plan, max_runs: int = 4) -> str:
+    """Per-layer policies, by run of consecutive equal layers ('0-1 full, 2-3 keep'); past
+    `max_runs` runs, counts per mode and the mean fractions."""
+    runs = [list(members) for _, members in itertools.groupby(plan.layers, key=_policy)]
+    if len(runs) <= max_runs:
+        spans = []
+        for run in runs:
+            first, last = run[0].index, run[-1].index
+            span = f"{first}" if first == last else f"{first}-{last}"
+            spans.append(f"{span} {_policy(run[0])}")
+        return ", ".join(spans)
+    n = len(plan.layers)
+    modes = {mode: sum(layer.recompute == mode for layer in plan.layers) for mode in
+             ("none", "selective", "full")}  # fmt: skip
+    counts = " ".join(f"{count} {mode}" for mode, count in modes.items() if count)
+    off = sum(layer.offload_fraction for layer in plan.layers) / n
+    rec = sum(layer.recompute_fraction for layer in plan.layers) / n
+    anc = sum(layer.anchor_offload_fraction for layer in plan.layers) / n
+    means = f"mean off {off:.2f} rec {rec:.2f} anc {anc:.2f}"
+    return f"{n} layers in {len(runs)} runs: {counts}; {means}"
+
+
+def layout_summary(plan: Plan) -> str:
+    """'dp2 tp1 pp2 sp1 | ZeRO-1 (fsdp2) | 1f1b, 2 stages per rank'."""
+    lay = plan.layout
+    schedule = "no pipeline" if lay.pp == 1 else lay.pp_schedule
+    if lay.virtual_stages > 1:
+        schedule += f", {lay.virtual_stages} stages per rank"
+    return (
+        f"dp{lay.dp} tp{lay.tp} pp{lay.pp} sp{lay.sp} | ZeRO-{lay.zero_stage} "
+        f"({lay.zero_backend}) | {schedule}"
+    )
+
+
+def header_summary(plan: Plan, metrics: MetricsTracker) -> str:
+    """The line under the trainer's header: layout, backend, schedule, per-layer policies
+    and what the metrics line's `mem` is measured against."""
+    return (
+        f"plan: {layout_summary(plan)} | layers {policy_summary(plan)} | "
+        f"mem = {metrics.memory_label}"
+    )

@@ -10,31 +10,15 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from planner.plan import Plan
+from tests.cli import REPO, memplan
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 MEMO = ["model=llama2_7b", "cluster=a800_8x", "train.seq_len=1048576", "train.global_batch_size=1"]
-
-
-def memplan(*args: str) -> subprocess.CompletedProcess:
-    """The `memplan` console script of this environment (or the module, from the repo)."""
-    script = Path(sys.executable).parent / "memplan"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "launch.cli"]
-    return subprocess.run(
-        [*command, *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "COLUMNS": "160", "PYTHONPATH": str(REPO)},
-        timeout=300,
-        check=False,
-    )
 
 
 def test_7b_plan_prints_tables_and_writes_json_and_png(tmp_path):

@@ -7,13 +7,13 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from launch.compose import compose_config
 from planner.plan import LayerPlan
+from tests.cli import memplan as run_memplan
 from tests.plans import manual_plan
 
 pytestmark = pytest.mark.integration
@@ -28,17 +28,8 @@ MIXES = [
 
 
 def memplan(*args: str) -> subprocess.CompletedProcess:
-    """The `memplan` console script of this environment."""
-    script = Path(sys.executable).parent / "memplan"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "launch.cli"]
-    return subprocess.run(
-        [*command, *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "COLUMNS": "200"},
-        timeout=300,
-        check=False,
-    )
+    """tests/cli.py's runner with the wider console the profile tables need."""
+    return run_memplan(*args, env={**os.environ, "COLUMNS": "200"})
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +96,72 @@ def test_unreadable_plan_is_exit_2(tmp_path):
     done = memplan("profile", *BASE, f"plan.path={tmp_path / 'missing.json'}")
     assert done.returncode == 2
     assert "plan.path: cannot read" in done.stderr
+
+
+# -- profile.mode=trace: the plan's runtime under FakeTensorMode ------------------------------
+
+TRACE_ROW = re.compile(r"^│ (forward layer \d|backward layer \d|loss|optimizer step)")
+
+
+def test_trace_prints_predicted_vs_traced_per_phase_and_writes_json(tmp_path):
+    out = tmp_path / "trace.json"
+    done = memplan("profile", "profile.mode=trace", *BASE, f"profile.out={out}")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("memplan profile (trace): tiny plan")
+    assert "traced under FakeTensorMode" in lines[0]
+    phases = [match.group(1) for line in lines if (match := TRACE_ROW.match(line))]
+    for name in ("forward layer 0", "backward layer 3", "loss", "optimizer step"):
+        assert name in phases
+    summary = next(line for line in lines if line.startswith("rank 0: predicted peak"))
+    assert "traced peak" in summary and " in " in summary
+    report = json.loads(out.read_text())
+    assert report["traced"] is True
+    assert report["predicted_peak_bytes"] > 0 and report["traced_peak_bytes"] > 0
+    assert report["peak_phase"] in [phase["name"] for phase in report["phases"]]
+
+
+def test_trace_of_fsdp2_on_two_fake_ranks(tmp_path):
+    cfg = compose_config([*BASE, "cluster.gpus_per_node=2"])
+    path = tmp_path / "zero3.json"
+    manual_plan(cfg, micro_batch_size=1, dp=2, zero_stage=3).write(path)
+    done = memplan(
+        "profile", "profile.mode=trace", *BASE, "cluster.gpus_per_node=2", f"plan.path={path}"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ParallelRuntime with FSDPMemTracker, rank 0 of 2" in done.stdout
+    assert re.search(r"rank 0: predicted peak .* traced peak [\d.]+ [KMG]iB", done.stdout)
+
+
+def test_trace_of_a_pipeline_plan_says_it_is_not_traced_in_one_line(tmp_path):
+    cfg = compose_config([*BASE, "cluster.gpus_per_node=2"])
+    path = tmp_path / "pp.json"
+    manual_plan(cfg, micro_batch_size=1, pp=2).write(path)
+    out = tmp_path / "pp_trace.json"
+    done = memplan(
+        "profile",
+        "profile.mode=trace",
+        *BASE,
+        "cluster.gpus_per_node=2",
+        f"plan.path={path}",
+        f"profile.out={out}",
+    )
+    assert done.returncode == 0, done.stderr
+    first = done.stdout.splitlines()[0]
+    assert first.startswith("memplan profile (trace): pipeline layout (pp=2) not traced")
+    assert json.loads(out.read_text())["traced"] is False
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["profile.mode=fake"], "profile.mode: got 'fake'; allowed: run, trace"),
+        (["model.num_layers=3"], "plan.path: plan has model.num_layers=4 but the model has 3"),
+    ],
+)
+def test_trace_bad_input_is_exit_2_in_one_line(plan_path, overrides, message):
+    done = memplan("profile", "profile.mode=trace", *BASE, f"plan.path={plan_path}", *overrides)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("memplan profile: error: ")
+    assert message in lines[0]

@@ -264,7 +264,13 @@ def _assert_intact(root: Path, steps: list[int]) -> None:
         assert storage.verify_files(directory, record, record["files"]) == []
 
 
-def test_unwritable_directory_training_continues_error_logged_once_per_attempt(
+def _warnings(caplog) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records if r.name == CKPT_LOGGER and r.levelname == "WARNING"
+    ]
+
+
+def test_unwritable_directory_training_continues_error_said_once_then_a_summary(
     tiny_config, tmp_path, straight, first_half, caplog
 ):
     run_dir, _ = _copy_of(first_half, tmp_path)
@@ -274,9 +280,13 @@ def test_unwritable_directory_training_continues_error_logged_once_per_attempt(
         resumed = _run(_cfg(tiny_config, every=2), run_dir)
     assert resumed.losses == {s: straight[s] for s in range(5, 9)}
     errors = _errors(caplog)
-    assert len(errors) == 2, errors  # attempts after steps 6 and 8
-    assert [int(e.split()[2]) for e in errors] == [6, 8]
-    assert all("not permitted" in e or "denied" in e for e in errors), errors
+    assert len(errors) == 1, errors  # attempts after steps 6 and 8: one cause, said once
+    assert int(errors[0].split()[2]) == 6
+    assert "not permitted" in errors[0] or "denied" in errors[0], errors
+    summary, final = _warnings(caplog)[-2:]
+    assert summary.startswith("checkpoint: 2 of 2 saves failed (2x rank 0: "), summary
+    assert summary.endswith(f"newest committed checkpoint: step 4 ({root / 'step_000000004'})")
+    assert final == "warning: the final checkpoint (step 8) failed: a rerun resumes from step 4"
     _assert_intact(root, [4, 2])
 
 
@@ -316,10 +326,33 @@ def test_disk_full_training_continues_error_logged_once_and_partial_files_remove
     resumed = _run(_cfg(tiny_config, every=2), run_dir)
     assert resumed.losses == {s: straight[s] for s in range(5, 9)}
     errors = _errors(caplog)
-    assert len(errors) == 2, errors
-    assert all("No space left on device" in e for e in errors), errors
+    assert len(errors) == 1, errors  # the same cause twice (different files): said once
+    assert "No space left on device" in errors[0], errors
+    summary, final = _warnings(caplog)[-2:]
+    assert summary.startswith("checkpoint: 2 of 2 saves failed (2x rank 0: No space left on")
+    assert "step 4" in summary and final.startswith("warning: the final checkpoint (step 8)")
     assert not list(root.glob(".tmp-*")), "a failed attempt's partial files stay behind"
     _assert_intact(root, [4, 2])
+
+
+def test_all_checkpoints_damaged_is_said_and_old_corrupt_copies_are_pruned(
+    tiny_config, tmp_path, straight, first_half, caplog
+):
+    run_dir, _ = _copy_of(first_half, tmp_path)
+    root = run_dir / "checkpoints"
+    for old in ("corrupt-step_000000001-aaaaaaaa", "corrupt-step_000000003-bbbbbbbb"):
+        (root / old).mkdir()  # left by earlier resumes
+    for step in (2, 4):
+        (root / f"step_{step:09d}" / storage.COMMIT_FILE).write_text("{")
+    caplog.set_level("INFO")
+    cfg = _cfg(tiny_config, every=0, keep=2)
+    resumed = _run(cfg, run_dir)
+    assert resumed.start_step == 0 and resumed.losses == straight
+    assert _warnings(caplog)[0] == (
+        f"no intact checkpoint in {root} (2 damaged, kept as corrupt-*); starting at step 1"
+    )
+    kept = sorted(p.name.split("-")[1] for p in root.glob("corrupt-*"))
+    assert kept == ["step_000000002", "step_000000004"]  # checkpoint.keep=2, the newest
 
 
 # ---------------------------------------------------------------------------------- config

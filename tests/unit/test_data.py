@@ -6,6 +6,7 @@ import torch
 
 from configs.errors import ConfigError
 from configs.schema import DataConfig
+from configs.tokens import check_training_tokens
 from framework.components.data import TokenLoader, open_tokens, stdlib_corpus
 
 
@@ -76,3 +77,28 @@ def test_token_ids_beyond_the_vocabulary_are_rejected():
     tokens = np.full(1000, 300, dtype=np.uint16)
     with pytest.raises(ConfigError, match="vocab_size=256"):
         TokenLoader(tokens, 16, 2, seed=0, vocab_size=256).batch(0)
+
+
+def test_the_launcher_checks_what_the_workers_would_trip_over(tmp_path):
+    """configs/tokens.check_training_tokens: a file shorter than one sequence, a token id
+    past the vocabulary, an embedded corpus too small or too wide for the model."""
+    short = tmp_path / "short.bin"
+    np.arange(33, dtype=np.uint16).tofile(short)
+    with pytest.raises(ConfigError, match=r"^data.path: .*short.bin holds 33 tokens, shorter "
+                       r"than one sequence: train.seq_len=32 needs >= 34$"):  # fmt: skip
+        check_training_tokens(DataConfig(path=str(short)), 32, 256)
+    check_training_tokens(DataConfig(path=str(short)), 31, 256)  # 33 = 31 + 2: enough
+
+    wide = tmp_path / "wide.bin"
+    np.array([1, 2, 70000, 3] * 100, dtype=np.uint32).tofile(wide)
+    with pytest.raises(ConfigError, match=r"^data.path: .* holds token id 70000 >= model."
+                       r"vocab_size=32000"):  # fmt: skip
+        check_training_tokens(DataConfig(path=str(wide), dtype="uint32"), 16, 32000)
+    check_training_tokens(DataConfig(path=str(wide), dtype="uint32"), 16, 70001)
+
+    with pytest.raises(ConfigError, match=r"^data.embedded_max_bytes: 4096 bytes is shorter"):
+        check_training_tokens(DataConfig(embedded_max_bytes=4096), 4095, 256)
+    with pytest.raises(ConfigError, match=r"^model.vocab_size: 100, but the embedded corpus"):
+        check_training_tokens(DataConfig(), 32, 100)
+    with pytest.raises(ConfigError, match=r"^data.path: .* is a directory, not a token file$"):
+        check_training_tokens(DataConfig(path=str(tmp_path)), 32, 256)

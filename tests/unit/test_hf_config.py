@@ -204,7 +204,8 @@ def test_a_binary_file_is_a_one_line_config_error(tmp_path):
     path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
     with pytest.raises(ConfigError) as raised:
         read(str(path))
-    assert str(raised.value).startswith(f"model.hf_config: {path} is not UTF-8")
+    expected = f"model.hf_config: {path} is not a config.json file (not UTF-8"
+    assert str(raised.value).startswith(expected)
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from framework.components.checkpoint.staging import HostSnapshot, state_bytes
 from framework.components.checkpoint.storage import (
     CorruptCheckpoint,
     list_committed,
+    prune_corrupt,
     quarantine,
     read_commit,
     remove_stale_tmp_dirs,
@@ -52,6 +54,13 @@ from planner.units import GIB
 logger = logging.getLogger(__name__)
 
 TRAIN_STATE_FILE = "train_state.json"
+_ATTEMPT_DIR = re.compile(r"\.tmp-step_\d+-[0-9a-f]+")
+
+
+def failure_cause(error: str) -> str:
+    """A failed attempt's error without what differs between attempts (the temporary
+    directory's name), so the same cause is reported once."""
+    return _ATTEMPT_DIR.sub(".tmp-step_*", error)
 
 
 def rank_file_name(rank: int) -> str:
@@ -109,6 +118,8 @@ class Checkpointer:
             BackgroundPersister(self._persist, self._report) if cfg.async_mode == "thread" else None
         )
         self._warned_slow_persist = False
+        self.failures: dict[str, int] = {}
+        """Failed attempts by cause (the error without its attempt's temporary path)."""
         if self.rank == 0 and cfg.every > 0:
             try:
                 for stale in remove_stale_tmp_dirs(root):
@@ -163,9 +174,42 @@ class Checkpointer:
             self.stats[-1].blocked_seconds += time.perf_counter() - start
 
     def finish(self) -> None:
-        """Wait until the last checkpoint is committed (or has failed)."""
+        """Wait until the last checkpoint is committed (or has failed); if any failed, say
+        once how many, why, and which checkpoint a rerun would resume from."""
         if self.persister is not None:
             self.persister.wait_idle()
+        if self.rank == 0:
+            for line in self.failure_summary():
+                logger.warning(line)
+
+    def failure_summary(self) -> list[str]:
+        """The end-of-run lines about failed saves (none when every save committed)."""
+        failed = [stats.step for stats in self.stats if stats.committed is False]
+        if not failed:
+            return []
+        causes = "; ".join(
+            cause if count == 1 else f"{count}x {cause}" for cause, count in self.failures.items()
+        )
+        newest = self._newest_commit()
+        newest_text = f"step {newest[0]} ({newest[1]})" if newest else "none"
+        lines = [
+            f"checkpoint: {len(failed)} of {len(self.stats)} saves failed ({causes}); newest "
+            f"committed checkpoint: {newest_text}"
+        ]
+        if self.stats[-1].committed is False:
+            rerun = f"resumes from step {newest[0]}" if newest else "starts at step 1 (none"
+            lines.append(
+                f"warning: the final checkpoint (step {self.stats[-1].step}) failed: a rerun "
+                + (rerun if newest else f"{rerun} is committed)")
+            )
+        return lines
+
+    def _newest_commit(self) -> tuple[int, Path] | None:
+        try:
+            committed = list_committed(self.root)
+        except OSError:
+            committed = []
+        return committed[0] if committed else None
 
     def close(self) -> None:
         """Stop the background thread and release the group (after finish(); if a save is
@@ -202,14 +246,18 @@ class Checkpointer:
                     gib,
                     outcome.path,
                 )
-        elif self.rank == 0:
-            newest = f"step {self.last_committed}" if self.last_committed else "none this run"
-            logger.error(
-                "checkpoint step %d failed, training continues (newest commit: %s): %s",
-                outcome.step,
-                newest,
-                outcome.error,
-            )
+        else:
+            cause = failure_cause(outcome.error or "unknown error")
+            first = cause not in self.failures
+            self.failures[cause] = self.failures.get(cause, 0) + 1
+            if first and self.rank == 0:  # the same cause again is counted for the summary
+                newest = f"step {self.last_committed}" if self.last_committed else "none this run"
+                logger.error(
+                    "checkpoint step %d failed, training continues (newest commit: %s): %s",
+                    outcome.step,
+                    newest,
+                    outcome.error,
+                )
 
     # ---------------------------------------------------------------------------- resuming
 
@@ -222,10 +270,12 @@ class Checkpointer:
         names = self.comm.broadcast(
             [path.name for _, path in list_committed(self.root)] if self.rank == 0 else None
         )
+        damaged = 0
         for name in names:
             directory = self.root / name
             problems = self._verify(directory)
             if problems:
+                damaged += 1
                 if self.rank == 0:
                     moved = self._quarantine(directory)
                     logger.error(
@@ -236,8 +286,32 @@ class Checkpointer:
                         f"moved to {moved.name}" if moved else "left in place",
                     )
                 continue
+            self._prune_corrupt(damaged)
             return self._load(directory)
+        self._prune_corrupt(damaged)
+        if damaged and self.rank == 0:
+            logger.warning(
+                "no intact checkpoint in %s (%d damaged, kept as corrupt-*); starting at step 1",
+                self.root,
+                damaged,
+            )
         return None
+
+    def _prune_corrupt(self, damaged: int) -> None:
+        """Keep at most checkpoint.keep corrupt-* directories (the newest)."""
+        if not damaged or self.rank != 0:
+            return
+        try:
+            removed = prune_corrupt(self.root, self.cfg.keep)
+        except OSError as exc:
+            logger.warning("checkpoint: cannot delete old corrupt-* directories: %s", describe(exc))
+            return
+        if removed:
+            logger.info(
+                "checkpoint: deleted %s (checkpoint.keep=%d damaged ones are kept)",
+                ", ".join(path.name for path in removed),
+                self.cfg.keep,
+            )
 
     def _verify(self, directory: Path) -> list[str]:
         """Every rank checks its share of the files; the problems of all ranks."""

@@ -8,6 +8,7 @@
         commit.json                    written last: step, world size, size + CRC32 of every file
     <dir>/.tmp-step_000000120-<id>/    being written, or left by a crash: never read
     <dir>/corrupt-step_000000120-<id>/ failed verification at resume: kept for inspection
+                                       (the newest checkpoint.keep of them)
 
 Commit: every rank writes and fsyncs its files into the temporary directory; rank 0 writes
 commit.json, fsyncs it and the directory, renames it to step_N and fsyncs <dir>. A crash at
@@ -29,6 +30,7 @@ from pathlib import Path
 COMMIT_FILE = "commit.json"
 FORMAT_VERSION = 1
 _COMMITTED = re.compile(r"^step_(\d{9})$")
+_CORRUPT = re.compile(r"^corrupt-step_(\d{9})-")
 _TMP_PREFIX = ".tmp-"
 _READ_CHUNK_BYTES = 16 * 2**20
 
@@ -189,4 +191,18 @@ def retain(root: Path, keep: int) -> list[Path]:
         shutil.rmtree(trash, ignore_errors=True)
     if doomed:
         fsync_dir(root)
+    return doomed
+
+
+def prune_corrupt(root: Path, keep: int) -> list[Path]:
+    """Delete all but the `keep` most recently quarantined corrupt-* directories (a rename
+    sets the inode's ctime; ties by step); returns the deleted ones."""
+    found = []
+    for entry in root.iterdir() if root.is_dir() else []:
+        match = _CORRUPT.match(entry.name)
+        if match and entry.is_dir():
+            found.append((entry.stat().st_ctime, int(match.group(1)), entry))
+    doomed = [entry for _, _, entry in sorted(found, reverse=True)[keep:]]
+    for entry in doomed:
+        shutil.rmtree(entry)
     return doomed
