@@ -17,9 +17,6 @@ import dataclasses
 import os
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch.compose import compose_config
 from planner.errors import NoFeasiblePlan

@@ -385,6 +385,13 @@ def host_slabs(runtime: Any) -> list[torch.Tensor]:
     return [slab.buffer for slab in getattr(pool, "_free", [])] if pool is not None else []
 
 
+def _predicted_breakdown(plan: Plan) -> dict[str, int]:
+    """The plan's per-GPU bytes by kind, of pipeline rank 0 where the plan has ranks."""
+    source: Any = plan.ranks[0] if plan.ranks else plan.memory
+    keys = ("params", "grads", "optimizer", "activations", "other", "grads_pending")
+    return {f"{key}_bytes": getattr(source, f"{key}_bytes") for key in keys}
+
+
 def trace_plan(
     model_cfg: ModelConfig, train_cfg: TrainConfig, plan: Plan, fake: bool = True
 ) -> TraceReport:
@@ -468,23 +475,7 @@ def trace_plan(
     traced_peak = peak_snapshot.get(TOTAL_KEY, 0) - host_bytes
     rank_memory = plan.ranks[0] if plan.ranks else None
     memory = plan.memory
-    predicted = {
-        "params_bytes": memory.params_bytes,
-        "grads_bytes": memory.grads_bytes,
-        "optimizer_bytes": memory.optimizer_bytes,
-        "activations_bytes": memory.activations_bytes,
-        "other_bytes": memory.other_bytes,
-        "grads_pending_bytes": memory.grads_pending_bytes,
-    }
-    if rank_memory is not None:
-        predicted.update(
-            params_bytes=rank_memory.params_bytes,
-            grads_bytes=rank_memory.grads_bytes,
-            optimizer_bytes=rank_memory.optimizer_bytes,
-            activations_bytes=rank_memory.activations_bytes,
-            other_bytes=rank_memory.other_bytes,
-            grads_pending_bytes=rank_memory.grads_pending_bytes,
-        )
+    predicted = _predicted_breakdown(plan)
     phases = [
         PhaseBytes(name, value - host_bytes)
         for name, value in sorted(tracker.phase_peaks.items(), key=lambda i: _phase_sort_key(i[0]))
