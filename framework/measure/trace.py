@@ -193,12 +193,19 @@ def fake_storage_identity() -> Iterator[None]:
     import offload.engine as engine
     import offload.records as records
 
-    original = engine.storage_key, records._bytes_of
-    engine.storage_key, records._bytes_of = _fake_storage_key, _fake_bytes_of
+    # records views storages through _bytes_of where it has one; older records view them
+    # on the saved tensor's own device, which needs no patch
+    has_bytes_of = hasattr(records, "_bytes_of")
+    original = engine.storage_key, getattr(records, "_bytes_of", None)
+    engine.storage_key = _fake_storage_key
+    if has_bytes_of:
+        records._bytes_of = _fake_bytes_of
     try:
         yield
     finally:
-        engine.storage_key, records._bytes_of = original
+        engine.storage_key = original[0]
+        if has_bytes_of:
+            records._bytes_of = original[1]
 
 
 @contextlib.contextmanager
@@ -227,10 +234,10 @@ def _uncached_fake_mode() -> FakeTensorMode:
 
 def _entered(*contexts: Any) -> contextlib.ExitStack:
     """One context manager entering `contexts` in order."""
-    stack = contextlib.ExitStack()
-    for context in contexts:
-        stack.enter_context(context)
-    return stack
+    with contextlib.ExitStack() as stack:  # one that fails to enter exits the others
+        for context in contexts:
+            stack.enter_context(context)
+        return stack.pop_all()
 
 
 @contextlib.contextmanager
