@@ -9,6 +9,8 @@ in the runtime imports it.
     profile      run_profile: the steps, measured against planner.activations
     report       ProfileReport (the JSON of profile.out), relative errors
     saved_bytes  SavedTensorLedger: bytes saved for backward, per decoder layer
+    trace        profile.mode=trace: the plan's runtime under FakeTensorMode with torch's
+                 MemTracker / FSDPMemTracker (real widths, no memory)
 
 The benchmarks (bench/*.py):
     device       the device as the planner should see it; the environment of a run
