@@ -1,26 +1,39 @@
 """The activation engine of one decoder layer: keep, offload or recompute what the plan says.
 
 One forward of a layer with a policy (LayerPlan: offload_fraction alpha, recompute_fraction
-rho, anchor_offload_fraction beta, recompute none|selective|full) runs like this:
+rho, anchor_offload_fraction beta, recompute none|selective|full) runs the plain layer's ops,
+on all tokens at once, in three recorded parts:
 
     x ------------------------------------------------ anchor (beta of its tokens to host)
-    pre_attention on tokens [0,n_off) [n_off,n_off+n_rec) [rest)    token-local segments
-       -> cat q, k, v
-    attention_core(q, k, v) on all tokens   everything it saves: anchors; its output o too
-    post_attention on the same three token segments -> cat -> layer output
+    pre_attention(x, rope)          token-local region: what it saves is split by tokens
+    attention_core(q, k, v)         everything it saves: anchors; its output o too
+    post_attention(x, o)            token-local region: split by tokens -> layer output
 
-(n_off, n_rec) = planner.activations.token_split(seq, alpha, rho), the rounding the planner
-uses, so prediction and runtime agree exactly. Inside one saved_tensors_hooks context the
-engine classifies every saved tensor by its storage (records.py):
+Inside one saved_tensors_hooks context the engine classifies every saved tensor by its
+storage (records.py):
 - parameters, RoPE tables, tensors on another device: left alone;
 - the layer input, the attention output and whatever attention_core saves: anchors, never
   recomputed token-wise; the first round(beta * seq) tokens of each go to a host slab;
-- a storage first saved in the offload segment: copied to a host slab when the forward ends;
-- in the recompute segment: dropped; regenerated in backward from the anchors;
-- in the keep segment: kept on the device.
+- a storage first saved in a token-local region ([batch, seq, ...] in memory): its tokens
+  [0, n_off) go to a host slab when the forward ends, [n_off, n_off + n_rec) are dropped and
+  regenerated in backward by running the region again on that token slice of the anchors,
+  the rest is kept on the device as a fresh copy (a kept slice never pins the whole storage).
+(n_off, n_rec) = planner.activations.token_split(seq, alpha, rho) (token_segments), the
+rounding the planner uses, so prediction and runtime agree exactly.
 recompute=selective adds recipes: norm outputs and the SwiGLU product (routed through the
 layer's cheap_op_runner) are recomputed from their inputs when first unpacked, wherever their
-tokens live. recompute=full runs the layer as one segment and keeps only the layer input.
+tokens live. recompute=full runs the layer as one region and keeps only the layer input.
+
+Why split storages, not the computation: running each region once per token segment (as
+this engine did before) gives the same bytes, but every extra segment costs a pass over the
+weights and a weight-gradient accumulation per linear, the q/k/v and output concatenations
+and the slicing's backward: on the CPU, splitting plain layers into two token segments costs
++7% of the step even for a 1-token segment, and token-wise recomputation of 25% of the
+tokens cost 0.6-0.7x of full recomputation's extra time (BENCHMARKS.md). Splitting storages
+costs a copy of the kept tokens when a region ends and one re-assembly on first unpack
+(records.TokenSplitRecord): (2 - rho) x the token-local bytes. Regeneration stops at the
+last dropped tensor, as torch.utils.checkpoint's early stop does: the pre-attention region
+recomputes only its norm, the post-attention region and full recomputation stop before w2.
 
 Backward: the first unpack of a layer fetches its own host data (if not already in flight)
 and starts the prefetch of the layer processed next in backward (MEMO: one layer ahead).
@@ -48,7 +61,6 @@ from torch import Tensor, nn
 
 from offload.pool import HostBufferPool, SlabLease, align_up
 from offload.records import (
-    AliasHandle,
     AnchorRecord,
     DTensorHandle,
     KeptRecord,
@@ -57,8 +69,9 @@ from offload.records import (
     Recipe,
     RecipeHandle,
     Record,
-    Segment,
+    Region,
     StorageKey,
+    TokenSplitRecord,
     ViewMeta,
     covers_storage,
     storage_key,
@@ -71,6 +84,8 @@ if TYPE_CHECKING:
     from offload.apply import ActivationRuntime
 
 KEEP, OFFLOAD, RECOMPUTE, FULL = "keep", "offload", "recompute", "full"
+TOKEN_LOCAL = "token-local"
+"""The kind of a pre- or post-attention region call (FULL: the whole layer)."""
 
 _active = threading.local()
 """The layer forward being recorded on this thread (selective recipes look it up)."""
@@ -90,7 +105,8 @@ class LayerActivationStats:
 
 
 def token_segments(seq: int, policy: LayerPlan) -> list[tuple[str, int, int]]:
-    """The non-empty (kind, start, stop) token segments of a layer with `policy`."""
+    """The non-empty (kind, start, stop) token ranges of a layer with `policy`: which tokens
+    of every token-local storage go to the host, are regenerated in backward, are kept."""
     if policy.recompute == FULL:
         return [(FULL, 0, seq)]
     offloaded, recomputed = token_split(seq, policy.offload_fraction, policy.recompute_fraction)
@@ -140,6 +156,16 @@ def unpack_any(packed: Any) -> Tensor:
     return packed.unpack()
 
 
+def token_major(tensor: Tensor, batch: int, tokens: int) -> bool:
+    """True when tensor is contiguous, fills its storage and is laid out [batch, tokens, ...]
+    (or [batch * tokens, ...], a folded view of that): token t of sequence i then starts at
+    byte (i * tokens + t) * P of the storage, so any token slice of it is well defined."""
+    shape = tensor.shape
+    if len(shape) < 2 or not tensor.is_contiguous() or not covers_storage(tensor):
+        return False
+    return (shape[0] == batch and shape[1] == tokens) or shape[0] == batch * tokens
+
+
 class LayerForward:
     """Saved-tensor bookkeeping of ONE forward of one layer (one micro-batch)."""
 
@@ -148,14 +174,22 @@ class LayerForward:
         self.policy = engine.policy
         self.device = x.device
         self.streams, self.pool = engine.runtime.resources(x.device)
-        self.seq = x.shape[1]
+        self.batch, self.seq = x.shape[0], x.shape[1]
         self.anchor_tokens, _ = token_split(self.seq, self.policy.anchor_offload_fraction, 0.0)
         self.core_tokens = self.seq * engine.sequence_parallel
+        spans = {kind: (a, b) for kind, a, b in token_segments(self.seq, self.policy)}
+        self.host_tokens = spans.get(OFFLOAD, (0, 0))[1]
+        self.recompute_span = spans.get(RECOMPUTE, (self.host_tokens, self.host_tokens))
+        """Tokens [start, stop) of every token-local storage that are regenerated."""
         self.records: dict[StorageKey, Record] = {}
-        self.aliases: dict[StorageKey, AliasHandle] = {}
+        """Records by storage, while their storage may still be saved again."""
+        self.owned: list[Record] = []
+        """Every record of this forward, in creation order."""
+        self.region_records: dict[StorageKey, Record] = {}
+        """Records first saved in the current region."""
         self.recipes: dict[StorageKey, Recipe] = {}
-        self.dropped: dict[StorageKey, Tensor] = {}  # held until the segment ends
-        self.segment: Segment | None = None
+        self.dropped: dict[StorageKey, Tensor] = {}  # held until the region ends
+        self.region: Region | None = None
         self.in_core = False
         self.position = 0
         self.recomputed_bytes = 0
@@ -182,40 +216,52 @@ class LayerForward:
     def _classify(self, tensor: Tensor, position: int | None) -> Any:
         if _is_dtensor(tensor):
             return DTensorHandle(self._classify(_local(tensor), position), tensor)
-        if self._is_external(tensor):
+        if tensor.device != self.device or isinstance(tensor, nn.Parameter):
             return tensor
         key = storage_key(tensor)
-        if key in self.aliases:
-            alias = self.aliases[key]
-            return AliasHandle(
-                alias.anchor, alias.anchor_meta, alias.start, alias.stop, ViewMeta.of(tensor)
-            )
         record = self.records.get(key)
         if record is not None:
             return record.handle(tensor)  # type: ignore[attr-defined]
-        if key in self.recipes:
-            return RecipeHandle(self.recipes[key], ViewMeta.of(tensor))
+        if key in self.external or tensor.untyped_storage().nbytes() == 0:
+            return tensor
+        recipe = self.recipes.get(key)
+        if recipe is not None:
+            return RecipeHandle(recipe, ViewMeta.of(tensor))
+        if _is_parameter_cast(tensor):
+            return tensor
         if self.in_core:
             return self._new_anchor(tensor, _sequence_dim(tensor, self.core_tokens)).handle(tensor)
-        segment = self.segment
-        if segment is not None and segment.kind in (RECOMPUTE, FULL):
+        region = self.region
+        if region is not None and region.kind == FULL:
             assert position is not None, "an engine-held input cannot be dropped"
-            segment.wanted.add(position)
+            region.wanted.add(position)
             self._count_recomputed(key, tensor)
-            return Placeholder(segment, position)
-        if segment is not None and segment.kind == OFFLOAD:
-            record = OffloadRecord(self, tensor)
-        else:
-            record = KeptRecord(self, tensor)
+            return Placeholder(region, position)
+        record = self._token_local(tensor, region, position)
         self.records[key] = record
-        return record.handle(tensor)
+        self.owned.append(record)
+        if region is not None:
+            self.region_records[key] = record
+        return record.handle(tensor)  # type: ignore[attr-defined]
 
-    def _is_external(self, tensor: Tensor) -> bool:
-        if tensor.device != self.device or isinstance(tensor, nn.Parameter):
-            return True
-        if tensor.untyped_storage().nbytes() == 0:
-            return True
-        return storage_key(tensor) in self.external or _is_parameter_cast(tensor)
+    def _token_local(self, tensor: Tensor, region: Region | None, position: int | None) -> Record:
+        """The record of a storage first saved in a token-local region: split by tokens when
+        the policy offloads or recomputes some and its layout allows it, else kept."""
+        start, stop = self.recompute_span
+        if region is None or not (self.host_tokens or stop > start):
+            return KeptRecord(self, tensor)
+        if position is None:
+            stop = start  # an engine-held input, not saved by the region: nothing regenerates it
+        if not token_major(tensor, self.batch, self.seq) or not (self.host_tokens or stop > start):
+            return KeptRecord(self, tensor)
+        kind = OffloadRecord if self.host_tokens else TokenSplitRecord
+        record = kind(
+            self, tensor, self.batch, self.seq, self.host_tokens, stop - start, region, position
+        )
+        if stop > start:
+            region.wanted.add(position)  # type: ignore[arg-type]
+            self.recomputed_bytes += record.recompute_bytes
+        return record
 
     def _new_anchor(self, tensor: Tensor, seq_dim: int | None) -> Record:
         """A record for an anchor storage: split beta of its tokens off when it can."""
@@ -231,6 +277,7 @@ class LayerForward:
         else:
             record = KeptRecord(self, tensor)
         self.records[storage_key(tensor)] = record
+        self.owned.append(record)
         return record
 
     def _count_recomputed(self, key: StorageKey, tensor: Tensor) -> None:
@@ -260,22 +307,35 @@ class LayerForward:
         return tensor
 
     @contextmanager
-    def region(
-        self, kind: str, fn: Callable[..., Any], inputs: tuple[Tensor, ...], extra: tuple = ()
+    def region_call(
+        self, kind: str, fn: Callable[..., Any], inputs: tuple[Tensor, ...], rope: Rope | None
     ) -> Iterator[None]:
-        """A token segment of a token-local region (or the whole layer for full)."""
-        segment = Segment(self, kind, fn, extra)
-        if kind in (RECOMPUTE, FULL):
-            segment.inputs = [self._classify(t, None) for t in inputs]
-            segment.requires_grad = [t.requires_grad for t in inputs]
-        self.segment, self.position = segment, 0
+        """A token-local region on all tokens (TOKEN_LOCAL), or the whole layer (FULL).
+
+        When it ends, the region's token-split records without a host part are sealed now
+        (their recompute tokens freed, their kept tokens copied): a region's storages are
+        not saved again after it (its outputs are anchors of the attention core or the next
+        layer's input), and the forward's own references to them are gone. Records with a
+        host part wait for finish(), where one slab takes the whole layer's host data."""
+        start, stop = (0, self.seq) if kind == FULL else self.recompute_span
+        region = Region(self, kind, fn, rope, start, stop, self.seq)
+        if stop > start:
+            region.inputs = [self._classify(t, None) for t in inputs]
+            region.requires_grad = [t.requires_grad for t in inputs]
+        self.region, self.position = region, 0
         try:
             yield
         finally:
-            segment.saved_count = self.position
-            self.segment = None
+            region.saved_count = self.position
+            self.region = None
             self.recipes.clear()
             self.dropped.clear()
+            for key, record in self.region_records.items():
+                if isinstance(record, TokenSplitRecord) and not record.host_tokens:
+                    record.seal_device()
+                    # its storage is gone: the address may be reused within this forward
+                    del self.records[key]
+            self.region_records.clear()
 
     @contextmanager
     def core(self) -> Iterator[None]:
@@ -286,22 +346,6 @@ class LayerForward:
         finally:
             self.in_core = False
 
-    def output_slice(self, o: Tensor, start: int, stop: int) -> Tensor:
-        """o[:, start:stop] for a post-attention segment, as a contiguous tensor whose saved
-        views resolve to the anchor o (a strided slice would be copied by the projection)."""
-        piece = o[:, start:stop]
-        if piece.is_contiguous():
-            return piece
-        piece = piece.contiguous()
-        anchor = self.records[storage_key(o)]
-        self.aliases[storage_key(piece)] = AliasHandle(
-            anchor, ViewMeta.of(o), start, stop, ViewMeta.of(piece)
-        )
-        return piece
-
-    def end_output_slice(self, piece: Tensor) -> None:
-        self.aliases.pop(storage_key(piece), None)
-
     def add_recipe(self, fn: Callable[..., Tensor], args: tuple[Tensor, ...], out: Tensor) -> None:
         """Selective: out = fn(*args) is recomputed, not kept, wherever it is saved."""
         key = storage_key(out)
@@ -309,17 +353,13 @@ class LayerForward:
         self._count_recomputed(key, out)
 
     def recipes_enabled(self) -> bool:
-        segment = self.segment
-        return (
-            self.policy.recompute == "selective"
-            and segment is not None
-            and segment.kind in (KEEP, OFFLOAD)
-        )
+        region = self.region
+        return self.policy.recompute == "selective" and region is not None and region.kind != FULL
 
     # ---- end of forward --------------------------------------------------------------------
     def finish(self) -> LayerActivationStats:
         """Move host parts to a slab (async on CUDA), free what is not kept, measure."""
-        records = list(self.records.values())
+        records = list(self.owned)
         for record in records:
             record.seal_device()
         sizes = [record.host_bytes_needed() for record in records]
@@ -342,6 +382,7 @@ class LayerForward:
         )
         self.live = [weakref.ref(record) for record in records]
         self.records.clear()
+        self.owned.clear()
         return self.stats
 
     def measure(self) -> LayerActivationStats:
@@ -425,7 +466,7 @@ class LayerActivationEngine:
             if self.policy.recompute == FULL:
                 out = self._full(forward, layer, x, rope)
             else:
-                out = self._segmented(forward, layer, x, rope)
+                out = self._by_region(forward, layer, x, rope)
         self.last_stats = forward.finish()
         self.last_shared = forward.shared
         self._last = weakref.ref(forward)
@@ -439,38 +480,21 @@ class LayerActivationEngine:
             q, k, v = layer.pre_attention(x, rope)
             return layer.post_attention(x, layer.attention_core(q, k, v))
 
-        with forward.region(FULL, whole_layer, (x,), (rope,)):
+        with forward.region_call(FULL, whole_layer, (x,), rope):
             return whole_layer(x, rope)
 
     @staticmethod
-    def _segmented(forward: LayerForward, layer: DecoderLayer, x: Tensor, rope: Rope) -> Tensor:
+    def _by_region(forward: LayerForward, layer: DecoderLayer, x: Tensor, rope: Rope) -> Tensor:
+        """The plain layer's ops on all tokens; what each region saves is split by tokens."""
         x = forward.register_anchor(x)
-        segments = token_segments(x.shape[1], forward.policy)
-        single = len(segments) == 1
-        cos, sin = rope
-        projections = []
-        for kind, start, stop in segments:
-            xs = x if single else x[:, start:stop]
-            rs = rope if single else (cos[start:stop], sin[start:stop])
-            with forward.region(kind, layer.pre_attention, (xs,), (rs,)):
-                projections.append(layer.pre_attention(xs, rs))
-        q, k, v = (
-            parts[0] if single else torch.cat(parts, dim=1)
-            for parts in zip(*projections, strict=True)
-        )
-        del projections
+        with forward.region_call(TOKEN_LOCAL, layer.pre_attention, (x,), rope):
+            q, k, v = layer.pre_attention(x, rope)
         with forward.core():
             o = layer.attention_core(q, k, v)
         del q, k, v
         o = forward.register_anchor(o)
-        outputs = []
-        for kind, start, stop in segments:
-            xs = x if single else x[:, start:stop]
-            os = o if single else forward.output_slice(o, start, stop)
-            with forward.region(kind, layer.post_attention, (xs, os)):
-                outputs.append(layer.post_attention(xs, os))
-            forward.end_output_slice(os)
-        return outputs[0] if single else torch.cat(outputs, dim=1)
+        with forward.region_call(TOKEN_LOCAL, layer.post_attention, (x, o), None):
+            return layer.post_attention(x, o)
 
 
 def make_pool(device: torch.device) -> HostBufferPool:
