@@ -25,6 +25,7 @@ from configs.schema import Config
 from launch.compose import check_overrides, compose_config
 from launch.plan_source import plan_for
 from launch.run_dir import check_writable_file
+from planner.describe import layout_summary
 from planner.errors import NoFeasiblePlan
 from planner.flops import matmul_params
 from planner.plan import LayerPlan, Plan
@@ -51,16 +52,12 @@ def layer_runs(plan: Plan) -> list[tuple[int, int, LayerPlan]]:
 
 
 def layout_line(plan: Plan) -> str:
-    """'dp1 tp2 pp1 sp4 | ZeRO-3 (fsdp2) | 1 x 1 micro-batches | no pipeline'."""
+    """'dp1 tp2 pp1 sp4 | ZeRO-3 (fsdp2) | 1 seq x 1 micro-batches | no pipeline': the
+    trainer's layout summary (planner/describe.py) with the micro-batches."""
+    degrees, zero, schedule = layout_summary(plan).split(" | ")
     lay = plan.layout
-    schedule = "no pipeline" if lay.pp == 1 else lay.pp_schedule
-    if lay.virtual_stages > 1:
-        schedule += f" ({lay.virtual_stages} stages per rank)"
-    return (
-        f"dp{lay.dp} tp{lay.tp} pp{lay.pp} sp{lay.sp} | ZeRO-{lay.zero_stage} "
-        f"({lay.zero_backend}) | {lay.micro_batch_size} seq x {lay.num_microbatches} "
-        f"micro-batches | {schedule}"
-    )
+    batches = f"{lay.micro_batch_size} seq x {lay.num_microbatches} micro-batches"
+    return f"{degrees} | {zero} | {batches} | {schedule}"
 
 
 def policy_totals(plan: Plan) -> str:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from configs.schema import ModelConfig
+from planner.describe import layout_summary
 from planner.flops import training_flops_per_token
 from planner.plan import LayerPlan, Plan
 from planner.units import GIB
@@ -170,18 +171,6 @@ def policy_summary(plan: Plan, max_runs: int = 4) -> str:
     anc = sum(layer.anchor_offload_fraction for layer in plan.layers) / n
     means = f"mean off {off:.2f} rec {rec:.2f} anc {anc:.2f}"
     return f"{n} layers in {len(runs)} runs: {counts}; {means}"
-
-
-def layout_summary(plan: Plan) -> str:
-    """'dp2 tp1 pp2 sp1 | ZeRO-1 (fsdp2) | 1f1b, 2 stages per rank'."""
-    lay = plan.layout
-    schedule = "no pipeline" if lay.pp == 1 else lay.pp_schedule
-    if lay.virtual_stages > 1:
-        schedule += f", {lay.virtual_stages} stages per rank"
-    return (
-        f"dp{lay.dp} tp{lay.tp} pp{lay.pp} sp{lay.sp} | ZeRO-{lay.zero_stage} "
-        f"({lay.zero_backend}) | {schedule}"
-    )
 
 
 def header_summary(plan: Plan, metrics: MetricsTracker) -> str:

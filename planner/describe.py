@@ -1,0 +1,17 @@
+"""One-line descriptions of a plan that the trainer's header and the plan tables share."""
+
+from __future__ import annotations
+
+from planner.plan import Plan
+
+
+def layout_summary(plan: Plan) -> str:
+    """'dp2 tp1 pp2 sp1 | ZeRO-1 (fsdp2) | 1f1b, 2 stages per rank'."""
+    lay = plan.layout
+    schedule = "no pipeline" if lay.pp == 1 else lay.pp_schedule
+    if lay.virtual_stages > 1:
+        schedule += f", {lay.virtual_stages} stages per rank"
+    return (
+        f"dp{lay.dp} tp{lay.tp} pp{lay.pp} sp{lay.sp} | ZeRO-{lay.zero_stage} "
+        f"({lay.zero_backend}) | {schedule}"
+    )
