@@ -116,12 +116,17 @@ def summary_lines(report: ProfileReport) -> list[str]:
     return lines
 
 
+def plan_label(plan: Plan) -> str:
+    """'llama3_2_1b plan (dp=8 tp=1 pp=1 sp=1 zero=2)', the first words of both reports."""
+    lay = plan.layout
+    degrees = f"dp={lay.dp} tp={lay.tp} pp={lay.pp} sp={lay.sp} zero={lay.zero_stage}"
+    return f"{plan.model.name} plan ({degrees})"
+
+
 def print_report(report: ProfileReport, plan: Plan, console: Console) -> None:
     setup = report.setup
-    layout = plan.layout
     console.print(
-        f"memplan profile: {plan.model.name} plan (dp={layout.dp} tp={layout.tp} pp={layout.pp}"
-        f" sp={layout.sp} zero={layout.zero_stage}) on {report.device}: micro-batch "
+        f"memplan profile: {plan_label(plan)} on {report.device}: micro-batch "
         f"{setup.micro_batch} x {setup.seq_local} tokens, {len(setup.policies)} layers, "
         f"{str(setup.dtype).removeprefix('torch.')}, {len(report.step_seconds)} steps",
         highlight=False,
@@ -166,8 +171,7 @@ def breakdown_lines(report: TraceReport) -> list[str]:
 def print_trace(report: TraceReport, plan: Plan, console: Console) -> None:
     layout = plan.layout
     console.print(
-        f"memplan profile (trace): {plan.model.name} plan (dp={layout.dp} tp={layout.tp} "
-        f"pp={layout.pp} sp={layout.sp} zero={layout.zero_stage}) traced under FakeTensorMode: "
+        f"memplan profile (trace): {plan_label(plan)} traced under FakeTensorMode: "
         f"{report.runtime} with {report.tracker}, rank {report.traced_rank} of "
         f"{report.world_size}, micro-batch {layout.micro_batch_size} x "
         f"{plan.train.seq_len // layout.sp} tokens x {layout.num_microbatches}, "

@@ -108,6 +108,11 @@ class TraceReport:
         return asdict(self)
 
 
+class UntracedLayout(ValueError):
+    """A layout the tracer cannot run under fake tensors (untraced_reason says why); the
+    profile command prints that one line instead of tracing."""
+
+
 def untraced_reason(plan: Plan) -> str | None:
     """Why this plan's layout cannot be traced here (None: it can)."""
     layout = plan.layout
@@ -412,7 +417,7 @@ def trace_plan(
 
     reason = untraced_reason(plan)
     if reason is not None:
-        raise NotImplementedError(reason)
+        raise UntracedLayout(reason)
     layout = plan.layout
     device = torch.device("cpu")
     dtype = _dtype(plan)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from framework.components.model import build_model, count_parameters
-from framework.measure.trace import trace_plan, untraced_reason
+from framework.measure.trace import UntracedLayout, trace_plan, untraced_reason
 from launch.compose import compose_config
 from planner.plan import LayerPlan
 from tests.plans import manual_plan
@@ -96,7 +96,7 @@ def test_pipeline_and_deepspeed_layouts_say_why_they_are_not_traced(cfg):
     deepspeed = manual_plan(cfg, micro_batch_size=1, zero_backend="deepspeed", zero_stage=2)
     assert "deepspeed" in untraced_reason(deepspeed)
     assert untraced_reason(local_plan(cfg)) is None
-    with pytest.raises(NotImplementedError, match="pipeline"):
+    with pytest.raises(UntracedLayout, match="pipeline"):
         trace_plan(cfg2.model, cfg2.train, manual_plan(cfg2, micro_batch_size=1, pp=2))
 
 
