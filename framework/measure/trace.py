@@ -73,6 +73,10 @@ class PhaseBytes:
 
     name: str
     traced_peak_bytes: int
+    traced_at_peak: dict[str, int] = field(default_factory=dict)
+    """The tracker's categories at this phase's peak (its own names, host slabs included)."""
+    peak_op: str = ""
+    """The operator whose output reached this phase's peak."""
 
 
 @dataclass
@@ -270,6 +274,8 @@ def _phase_tracker(base: type[MemTracker]) -> type[MemTracker]:
             self.forward_done = False
             self.layers_seen = False
             self.phase_peaks: dict[str, int] = {}
+            self.phase_categories: dict[str, dict[str, int]] = {}
+            self.phase_ops: dict[str, str] = {}
             self.peak_phase = ""
             self._best = -1
 
@@ -280,6 +286,18 @@ def _phase_tracker(base: type[MemTracker]) -> type[MemTracker]:
                 for device, snap in self._curr_mem_snap.items()
                 if device.type != "meta"
             )
+
+        def categories_now(self) -> dict[str, int]:
+            """Bytes tracked now by category (the tracker's names), the meta device left out."""
+            out: dict[str, int] = {}
+            for device, snap in self._curr_mem_snap.items():
+                if device.type == "meta":
+                    continue
+                for key, value in snap.items():
+                    if value and key != TOTAL_KEY:
+                        name = str(getattr(key, "value", key))
+                        out[name] = out.get(name, 0) + value
+            return out
 
         def phase_name(self) -> str:
             if self._in_opt:
@@ -306,6 +324,8 @@ def _phase_tracker(base: type[MemTracker]) -> type[MemTracker]:
             name = self.phase_name()
             if total > self.phase_peaks.get(name, -1):
                 self.phase_peaks[name] = total
+                self.phase_categories[name] = self.categories_now()
+                self.phase_ops[name] = str(func)
             if total > self._best:
                 self._best, self.peak_phase = total, name
             return out
@@ -489,7 +509,12 @@ def trace_plan(
     memory = plan.memory
     predicted = _predicted_breakdown(plan)
     phases = [
-        PhaseBytes(name, value - host_bytes)
+        PhaseBytes(
+            name,
+            value - host_bytes,
+            tracker.phase_categories.get(name, {}),
+            tracker.phase_ops.get(name, ""),
+        )
         for name, value in sorted(tracker.phase_peaks.items(), key=lambda i: _phase_sort_key(i[0]))
     ]
     return TraceReport(
