@@ -4,8 +4,9 @@ Time: every layer without recompute or exposed transfer, the integer layer split
 minimises the slowest stage (and, separately, the busiest pipeline rank and the largest
 zero-bubble residue) exactly, and the schedule's latency formula with those maxima
 (planner/schedules.py). Policies only ever add time to a stage, so the three maxima are also
-valid cuts for the MILP. Memory: model states averaged over pipeline ranks + one layer's
-activations + the backward working set (every rank holds at least that much).
+valid cuts for the MILP. Memory: the busiest pipeline rank's model states (the integer layer
+split that minimises them) + one layer's activations + the backward working set, and on one
+stage the instants every plan reaches (the last layer's and the first layer's backward).
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def bounds(costs: LayoutCosts, num_layers: int) -> Bounds:
 
     Time: every layer without recompute or exposed transfer, and the integer layer split
     that minimises the slowest stage (and the busiest rank) exactly; the schedule's formula
-    with those maxima. Memory: model states averaged over pp ranks + one layer's activations
-    + the backward working set.
+    with those maxima. Memory: the busiest rank's model states + one layer's activations +
+    the backward working set (module docstring).
     """
     lay = costs.layout
     S, L, G, pp = lay.num_stages, num_layers, lay.num_microbatches, lay.pp
@@ -89,10 +90,29 @@ def bounds(costs: LayoutCosts, num_layers: int) -> Bounds:
     step = pipeline_step(lay.pp_schedule, pp, G, total, stage_max, rank_max, residue_max)
     psi = L * costs.layer_params + first.params + last.params
     tail = (costs.optimizer_seconds_per_param + costs.zero_exposed_end_seconds_per_param) * psi
-    states = costs.state_bytes_per_param * psi / pp
-    memory = (
-        states + costs.workspace_bytes + costs.zero_layer_transient_bytes + costs.full_layer_bytes
-    )
-    if costs.grads_follow_backward:  # the first layer's backward: all but the embedding's
-        memory -= costs.grads_bytes_per_param * first.params
+    # the busiest rank's states: the integer layer split that minimises the largest
+    # (first/last-stage extras + layers) over the ranks
+    rank_extras = [0.0] * pp
+    for c in range(S):
+        rank_extras[stage_rank(c, pp, lay.pp_schedule)] += costs.stage_extra_params(c, S)
+    busiest = _min_max_load(rank_extras, costs.layer_params, L, lay.virtual_stages)
+    states = costs.state_bytes_per_param * busiest
+    # the SwiGLU-backward instant of a layer with its activations (kept or recomputed); on
+    # one stage the model's last layer, beside the gathered root and no layer's gradients
+    working = min(costs.layer_backward_bytes(True), costs.layer_backward_bytes(False))
+    # ZeRO-2 under FSDP2: a rank's layers stay gathered from their forward to their backward
+    gathered = costs.gathered_layer_bytes * L / pp if lay.zero_stage == 2 else 0.0
+    memory = states + working + costs.full_layer_bytes + gathered
+    if pp == 1:
+        root = costs.gathered_root_bytes([0], 1)
+        per = costs.grads_bytes_per_param
+        one = costs.gathered_layer_bytes if lay.zero_stage == 2 else 0.0
+        instants = [  # (gradients not yet produced, working set) of instants every plan has
+            (psi - last.params, costs.layer_backward_bytes(True) + gathered),  # the last layer
+            (first.params + costs.layer_params, costs.layer_backward_bytes(False) + one),
+        ]
+        if not costs.grads_follow_backward:  # every gradient is held through the step
+            instants = [(0, working + gathered)]
+        memory = states + root + costs.full_layer_bytes
+        memory += max(working_set - per * pending for pending, working_set in instants)
     return Bounds(step + tail / pp, memory, stage_max, rank_max, residue_max)

@@ -56,15 +56,26 @@ from dataclasses import dataclass
 from configs.schema import ClusterConfig, Config, ModelConfig, PlannerConfig, TrainConfig
 from planner.activations import FP32_BYTES, LayerShape, outside_layers_bytes
 from planner.modes import full_recompute_runs
-from planner.params import ParamCounts, StateBytesPerParam, param_counts
+from planner.params import (
+    ModelStateBytes,
+    ParamCounts,
+    StateBytesPerParam,
+    fsdp2_state_bytes,
+    model_state_bytes,
+    param_counts,
+)
 from planner.plan import Layout
 from planner.units import GIB
 
 ADAM_BYTES_PER_PARAM = 28
 """Optimizer step traffic per parameter of the optimizer shard: fp32 master (or fp32 params),
 m and v read and written (24) + the gradient read and the parameter written."""
-WORKSPACE_FFN_TENSORS = 6
-WORKSPACE_HIDDEN_TENSORS = 4
+NORM_BACKWARD_FP32_TENSORS = 3
+"""fp32 [T, H] temporaries alive at once in framework/components/ops.py's RMSNorm backward."""
+SWIGLU_BACKWARD_TENSORS = 3
+"""[T, F] temporaries alive at once in framework/components/ops.py's SwiGLU backward."""
+REDUCE_BYTES = FP32_BYTES
+"""FSDP2 reduces gradients in fp32 (parallel/zero.py's MixedPrecisionPolicy)."""
 
 
 def training_dtype(cluster: ClusterConfig, train: TrainConfig) -> str:
@@ -187,10 +198,39 @@ class LayoutCosts:
     boundary_bytes: float
     """One [T, H] hidden-state tensor: a pipeline stage's input or output."""
     p2p_seconds: float
-    workspace_bytes: float
+    mlp_workspace_bytes: float
+    """The SwiGLU-backward instant of a layer's backward (layer_workspace_bytes)."""
+    end_workspace_bytes: float
+    """The attention-norm-backward instant, the layer's last (layer_workspace_bytes)."""
+    input_bytes: float
+    """One layer's input [T, H]: what is left of its activations at its last instant."""
+    arriving_grads_bytes: tuple[float, float]
+    """Outside FSDP2, the gradients (of the states) one layer's backward has produced at its
+    SwiGLU-backward instant (w2's) and at its last instant (all), where a step's gradients
+    follow its backward (FSDP2: in the workspace, unsharded)."""
     zero_layer_transient_bytes: float
+    """Unsharded parameters and gradients of the layer whose backward runs (and the next
+    layer's prefetch) beyond the workspace; FSDP2: see fsdp2_units."""
     loss_transient_bytes: float
     zero_output_transient_bytes: float
+    fsdp2_units: bool
+    """FSDP2 units (zero_backend fsdp2, ZeRO-2/3): every decoder layer and each stage's root
+    (its embedding, final norm, output) is a unit whose compute-dtype parameters are
+    all-gathered for its forward and backward; the root's stay gathered from the first
+    forward to the end of the backward (FSDP2 does not reshard the root after forward), and
+    ZeRO-2's layers stay gathered from their forward to their backward."""
+    gathered_layer_bytes: float
+    """FSDP2: one layer's all-gathered compute-dtype parameters (0 otherwise)."""
+    reduce_scatter_layer_bytes: float
+    """FSDP2: one layer's gradients in the reduce dtype (fp32), the reduce-scatter input,
+    alive until the next unit's reduce-scatter (0 otherwise)."""
+    reduce_scatter_output_bytes: float
+    """FSDP2: the last stage root's output + final norm gradients in fp32, reduce-scattered
+    after the loss's backward and alive during the last layer's backward (0 otherwise)."""
+    held_output_grad_bytes: float
+    """FSDP2 with tied embeddings on one stage: the output projection is the embedding, so
+    its unsharded gradient waits, in the compute dtype, for the embedding's backward (0
+    otherwise)."""
     budget_bytes: int
     reserved_bytes: int
     host_budget_bytes: int
@@ -207,6 +247,66 @@ class LayoutCosts:
     def states_per_param(self) -> StateBytesPerParam:
         return StateBytesPerParam.of(self.dtype)
 
+    def model_states(self, num_params: int) -> ModelStateBytes:
+        """Model states of `num_params` parameters held by one GPU of this layout, as its
+        backend allocates them (planner/params.py)."""
+        shard = self.layout.dp * self.layout.sp
+        if self.fsdp2_units:
+            return fsdp2_state_bytes(num_params, shard)
+        return model_state_bytes(num_params, shard, self.layout.zero_stage, self.dtype)
+
+    @property
+    def all_gathers(self) -> bool:
+        """FSDP2 over more than one rank: every gather goes through an all-gather buffer
+        (on one rank FSDP2 copies the shard straight into the unsharded parameters)."""
+        return self.fsdp2_units and self.layout.dp * self.layout.sp > 1
+
+    def gathered_root_bytes(self, stages: list[int], num_stages: int) -> float:
+        """FSDP2: the roots of `stages` (a rank's stages), gathered through forward and
+        backward in the compute dtype (0 otherwise)."""
+        if not self.fsdp2_units:
+            return 0.0
+        params = sum(self.stage_extra_params(c, num_stages) for c in stages)
+        return params * dtype_bytes(self.dtype)
+
+    def _previous_unit_bytes(self, first_in_backward: bool) -> float:
+        previous = (
+            self.reduce_scatter_output_bytes
+            if first_in_backward
+            else self.reduce_scatter_layer_bytes
+        )
+        return self.zero_layer_transient_bytes + previous + self.held_output_grad_bytes
+
+    def layer_backward_bytes(self, first_in_backward: bool) -> float:
+        """Working set at the SwiGLU-backward instant of one layer's backward, beyond the
+        states, the saved activations (the product it frees already left out) and the
+        gradients of the layers before it: the workspace, the gathered parameters (ZeRO-3:
+        its own and the next layer's prefetch), the previous unit's reduce-scatter input
+        (FSDP2; first_in_backward: the last stage's last layer follows the output's) and
+        a tied output's held gradient. Recomputed / prefetched activations are added by
+        the callers (they depend on the plan)."""
+        return self.mlp_workspace_bytes + self._previous_unit_bytes(first_in_backward)
+
+    def layer_end_bytes(self, first_in_backward: bool) -> float:
+        """Working set at the last instant of one layer's backward, when all its weight
+        gradients exist and of its activations only its input is left (counted here)."""
+        return (
+            self.end_workspace_bytes
+            + self.input_bytes
+            + self._previous_unit_bytes(first_in_backward)
+        )
+
+    @property
+    def layer_backward_bound_bytes(self) -> float:
+        """Bound on either instant of any layer's backward with all of its activations (the
+        in-flight rows: one layer of activations is what layer_end_bytes replaces)."""
+        return max(
+            self.layer_backward_bytes(True),
+            self.layer_backward_bytes(False),
+            self.end_workspace_bytes + self._previous_unit_bytes(True),
+            self.end_workspace_bytes + self._previous_unit_bytes(False),
+        )
+
     def stage_extra_params(self, stage: int, num_stages: int) -> int:
         """Parameters global stage `stage` holds beyond its layers (first/last-stage extras)."""
         first = self.first.params if stage == 0 else 0
@@ -221,6 +321,15 @@ class LayoutCosts:
         saved += self.first.saved_bytes if stage == 0 else 0
         saved += self.last.saved_bytes if stage == last else 0
         return saved
+
+    def present_bytes(self, mode: str) -> float:
+        """One mode-`mode` layer's activations on the device at its SwiGLU-backward instant
+        when all its offloaded and recomputed tensors are back (planner/memory.py's
+        back_on_device_bytes): none keeps everything; selective has regenerated only the
+        SwiGLU product; full has run its whole forward again."""
+        if mode == "selective":  # all of it but h1 and h2, [T, H] each
+            return self.full_layer_bytes - 2 * self.boundary_bytes
+        return self.full_layer_bytes
 
     def mode_host_bytes(self, mode: str, offload: float, anchor_offload: float) -> float:
         cost = self.modes[mode]
@@ -486,6 +595,28 @@ def _stage_extras(
     return first, last
 
 
+def layer_workspace_bytes(
+    tokens: int, hidden: int, ffn: int, a: int, own_grads: tuple[float, float]
+) -> tuple[float, float]:
+    """(SwiGLU-backward instant, last instant) of one decoder layer's backward: its working
+    set over the saved activations, measured with torch's MemTracker at real widths
+    (tests/unit/test_measure_trace.py, framework/measure/trace.py's per-operator log).
+
+    - SwiGLU backward (framework/components/ops.py): the incoming [T, H] gradient, the
+      [T, F] gradient of the product and SWIGLU_BACKWARD_TENSORS more [T, F] temporaries,
+      while the product (saved by w2) is already freed: net 3 [T, F] + 1 [T, H], beside
+      w2's weight gradient (own_grads[0]).
+    - The attention norm's backward, the layer's last op: NORM_BACKWARD_FP32_TENSORS fp32
+      [T, H] temporaries and the incoming gradient, beside every weight gradient of the
+      layer (own_grads[1]); the layer's activations are freed by then except its input
+      (LayoutCosts.layer_end_bytes adds it).
+    own_grads: the bytes of those gradients where the runtime holds them apart from the
+    gradients counted as states (FSDP2's unsharded gradient, torch's param.grad)."""
+    swiglu = tokens * a * (SWIGLU_BACKWARD_TENSORS * ffn + hidden) + own_grads[0]
+    norm = tokens * hidden * (NORM_BACKWARD_FP32_TENSORS * FP32_BYTES + a) + own_grads[1]
+    return swiglu, norm
+
+
 @functools.lru_cache(maxsize=8192)
 def loss_transient_bytes(chunk_tokens: int, vocab: int, hidden: int, dtype_bytes: int) -> int:
     """Working set of framework/components/loss.py's backward beyond its inputs and the
@@ -494,7 +625,8 @@ def loss_transient_bytes(chunk_tokens: int, vocab: int, hidden: int, dtype_bytes
     Measured with torch's MemTracker in tests/unit/test_loss.py."""
     fp32 = dtype_bytes == FP32_BYTES
     block = chunk_tokens * vocab * (FP32_BYTES + (0 if fp32 else dtype_bytes))
-    return block + (0 if fp32 else vocab * hidden * FP32_BYTES)
+    # bf16: the fp32 accumulator and the chunk's hidden states in fp32 for its update
+    return block + (0 if fp32 else (vocab + chunk_tokens) * hidden * FP32_BYTES)
 
 
 def layout_costs(
@@ -518,15 +650,28 @@ def layout_costs(
         model, rank.micro_batch, rank.seq_local, a, first_stage=False, last_stage=False
     )
     first, last = _stage_extras(model, rank, zero, layout.pp, rope)
-    # model states per parameter after ZeRO sharding
+    # model states per parameter after ZeRO sharding (FSDP2: as it allocates them)
+    fsdp2 = layout.zero_backend == "fsdp2" and layout.zero_stage >= 2
     per = StateBytesPerParam.of(dtype)
     sharded_params, sharded_optimizer = per.params * zero.shard(3), per.optimizer * zero.shard(1)
     grads_per_param = per.grads * zero.shard(2)
+    if fsdp2:
+        fsdp2_per = fsdp2_state_bytes(1, 1)
+        sharded_params = fsdp2_per.params / zero.shard_ranks
+        sharded_optimizer = fsdp2_per.optimizer / zero.shard_ranks
+        grads_per_param = fsdp2_per.grads / zero.shard_ranks
     # transient working set (module docstring)
     psi, hidden, ffn = rank.counts.layer, rank.hidden, rank.ffn
-    workspace = rank.tokens * a * (WORKSPACE_FFN_TENSORS * ffn + WORKSPACE_HIDDEN_TENSORS * hidden)
+    # the layer's own gradients at its two backward instants (w2's, then all of them): FSDP2
+    # holds them unsharded in the compute dtype; DeepSpeed and torch's replicated runtimes
+    # in their gradient buffers, sharded by DeepSpeed from ZeRO-2 on (grads_per_param)
+    arriving = (grads_per_param * hidden * ffn, grads_per_param * psi)
+    own_grads = (a * hidden * ffn, a * psi) if fsdp2 else (0.0, 0.0)
+    mlp_workspace, end_workspace = layer_workspace_bytes(rank.tokens, hidden, ffn, a, own_grads)
+    tied_root = fsdp2 and model.tie_embeddings and layout.pp == 1
     loss_chunk = min(train.loss_chunk_tokens, rank.tokens)
-    loss_transient = loss_transient_bytes(loss_chunk, rank.vocab, hidden, a)
+    # + the gradient of the hidden states it returns (the saved hidden states are activations)
+    loss_transient = loss_transient_bytes(loss_chunk, rank.vocab, hidden, a) + rank.hidden_bytes
     output_params = rank.counts.output or rank.counts.embedding
     budget, reserved = gpu_budget_bytes(cluster, planner)
     none = layer.modes["none"]
@@ -556,10 +701,30 @@ def layout_costs(
         chunk_saved_bytes=rope,
         boundary_bytes=rank.hidden_bytes,
         p2p_seconds=rank.hidden_bytes / links.pp + links.latency if layout.pp > 1 else 0.0,
-        workspace_bytes=workspace,
-        zero_layer_transient_bytes={3: 3 * psi * a, 2: psi * a}.get(zero.stage, 0),
+        mlp_workspace_bytes=mlp_workspace,
+        end_workspace_bytes=end_workspace,
+        input_bytes=rank.hidden_bytes,
+        arriving_grads_bytes=(0.0, 0.0) if fsdp2 else arriving,
+        zero_layer_transient_bytes=(
+            # FSDP2: the layer's own and the next layer's gathered parameters (ZeRO-3; on
+            # one rank nothing is prefetched; its unsharded gradient is in the workspace);
+            # DeepSpeed: two gathered layers and
+            # one unsharded gradient (ZeRO-3), one unsharded gradient (ZeRO-2)
+            ((2 if zero.shard_ranks > 1 else 1) * psi * a if zero.stage == 3 else 0)
+            if fsdp2
+            else {3: 3 * psi * a, 2: psi * a}.get(zero.stage, 0)
+        ),
         loss_transient_bytes=loss_transient,
-        zero_output_transient_bytes=output_params * a if zero.stage == 3 else 0,
+        zero_output_transient_bytes=output_params * a if zero.stage == 3 and not fsdp2 else 0,
+        fsdp2_units=fsdp2,
+        gathered_layer_bytes=psi * a if fsdp2 else 0.0,
+        reduce_scatter_layer_bytes=psi * REDUCE_BYTES if fsdp2 else 0.0,
+        reduce_scatter_output_bytes=(
+            (output_params + rank.counts.final_norm) * REDUCE_BYTES
+            if fsdp2 and not tied_root
+            else 0.0
+        ),
+        held_output_grad_bytes=output_params * a if tied_root else 0.0,
         budget_bytes=budget,
         reserved_bytes=reserved,
         host_budget_bytes=host_budget_bytes(cluster, planner),

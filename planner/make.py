@@ -6,7 +6,10 @@ MILP, and the explanation when nothing fits.
    order of the time bound with the best step time so far as a cutoff, until no remaining
    layout can be faster by more than planner.mip_gap or planner.time_limit_seconds runs out.
 4. Turn the best solution into per-layer policies, evaluate them exactly (planner/assemble.py
-   with planner/memory.py and planner/timing.py) and return the Plan.
+   with planner/memory.py and planner/timing.py). The simple policies a user could set by
+   hand (planner/baselines.py: keep, selective, full, offload everything) are evaluated the
+   same way on every layout whose bounds let them fit and beat that plan; the fastest
+   plan that fits is returned, so it never loses to one of them.
 5. If time ran out before any solve found a plan (near the memory limit the fastest
    layouts' MILPs can stop at their time limits without a solution), look for any feasible
    plan among the layouts most likely to fit (lowest memory bound first, a loose gap); its
@@ -20,15 +23,19 @@ explain.EXPLAIN_SECONDS more.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from configs.schema import Config
 from planner.assemble import build_plan, layer_policies
+from planner.baselines import Baseline, fastest_fitting
 from planner.errors import NoFeasiblePlan
 from planner.explain import explain_infeasible
 from planner.milp import solver_name
 from planner.plan import Plan, SolverInfo
-from planner.search import probe, search
+from planner.search import layout_candidates, probe, search
+
+log = logging.getLogger(__name__)
 
 PROBE_SHARE = 0.25
 """Least share of planner.time_limit_seconds the feasibility probe of step 5 gets."""
@@ -54,11 +61,6 @@ def make_plan(cfg: Config, explain: bool = True, single_node: bool = False) -> P
             found.seconds += outcome.seconds
             found.proven = False
             outcome = found
-    if outcome.best is None or outcome.result is None:
-        if not explain:
-            raise NoFeasiblePlan("no plan fits the GPU and host memory budgets")
-        raise NoFeasiblePlan(explain_infeasible(cfg, outcome, single_node))
-    best = outcome.best
     optimal = outcome.complete and outcome.proven
     solver = SolverInfo(
         name=solver_name(planner.solver),
@@ -68,5 +70,34 @@ def make_plan(cfg: Config, explain: bool = True, single_node: bool = False) -> P
         layouts_considered=outcome.considered,
         mip_gap=planner.mip_gap,
     )
-    layers = layer_policies(outcome.result.stages, best.costs.seq_local)
-    return build_plan(cfg, best.layout, layers, solver)
+    plan = None
+    if outcome.best is not None and outcome.result is not None:
+        layers = layer_policies(outcome.result.stages, outcome.best.costs.seq_local)
+        plan = build_plan(cfg, outcome.best.layout, layers, solver)
+    baseline = _faster_baseline(cfg, plan, solver)
+    if baseline is not None:
+        log.info("the %s policy on %s beats the MILP's plan", baseline.name, baseline.plan.layout)
+        plan = baseline.plan
+    if plan is None:
+        if not explain:
+            raise NoFeasiblePlan("no plan fits the GPU and host memory budgets")
+        raise NoFeasiblePlan(explain_infeasible(cfg, outcome, single_node))
+    return plan
+
+
+def _faster_baseline(cfg: Config, plan: Plan | None, solver: SolverInfo) -> Baseline | None:
+    """The fastest simple policy that fits and beats `plan` (step 4; planner/baselines.py),
+    over the layouts whose bounds let one fit and beat it, in order of the time bound."""
+    best: Baseline | None = None
+    for cand in sorted(layout_candidates(cfg), key=lambda c: c.time_bound):
+        beat = best.plan.time.step_seconds if best is not None else None
+        if beat is None and plan is not None:
+            beat = plan.time.step_seconds
+        if beat is not None and cand.time_bound >= beat:
+            break  # no later layout can beat it
+        if cand.memory_bound > cand.costs.budget_bytes:
+            continue
+        found = fastest_fitting(cfg, [(cand.layout, cand.costs)], solver, faster_than=beat)
+        if found is not None:
+            best = found
+    return best

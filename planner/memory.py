@@ -18,8 +18,13 @@ the plan reports the gradients not yet produced at that instant as grads_pending
 from __future__ import annotations
 
 from configs.schema import Config
-from planner.activations import LayerActivationBytes, LayerShape, layer_activation_bytes
-from planner.costs import LayoutCosts, costs_for, dtype_bytes
+from planner.activations import (
+    LayerActivationBytes,
+    LayerShape,
+    layer_activation_bytes,
+    token_split,
+)
+from planner.costs import REDUCE_BYTES, LayoutCosts, costs_for, dtype_bytes
 from planner.params import model_state_bytes
 from planner.plan import LayerPlan, PipelineRankMemory, Plan
 from planner.schedules import StageMap
@@ -53,20 +58,29 @@ def rank_params(costs: LayoutCosts, stages: StageMap, groups: list[list[LayerPla
     )
 
 
-def _rematerialises(layers: list[LayerPlan]) -> bool:
-    return not all(layer.keeps_everything for layer in layers)
+def back_on_device_bytes(
+    costs: LayoutCosts, layer: LayerPlan, saved: LayerActivationBytes
+) -> float:
+    """Of one layer's activations that are not kept on the device, the bytes back on it at
+    its SwiGLU-backward instant (measured with torch's MemTracker at real widths): its
+    offloaded tokens (fetched before its backward) and its recomputed tensors, except that
+    selective recomputation has regenerated only the SwiGLU product p by then (h1 and h2
+    follow with the norms' backward)."""
+    back = restored_bytes(costs, layer, saved) + saved.recomputed_bytes
+    if layer.recompute == "selective":
+        back -= 2 * costs.boundary_bytes  # h1 and h2: [T, H] each
+    return back
 
 
-def prefetch_bytes(costs: LayoutCosts, layers: list[LayerPlan]) -> float:
-    """Bound on one layer's offloaded tensors fetched ahead during a backward: the largest,
-    over the recompute modes that offload, of whole anchors and whole token-local tensors."""
-    best = 0.0
-    for mode, cost in costs.modes.items():
-        group = [layer for layer in layers if layer.recompute == mode]
-        anchors = any(layer.anchor_offload_fraction for layer in group)
-        local = any(layer.offload_fraction for layer in group)
-        best = max(best, cost.anchor_bytes * anchors + cost.local_bytes * local)
-    return best
+def restored_bytes(costs: LayoutCosts, layer: LayerPlan, saved: LayerActivationBytes) -> float:
+    """Bytes a layer's offloaded tokens occupy once fetched back: their own, and where its
+    anchors are split between host and device, a second copy of the anchors' kept tokens
+    (offload/engine.py rebuilds each anchor whole; measured with torch's MemTracker)."""
+    if not layer.anchor_offload_fraction:
+        return float(saved.host_bytes)
+    offloaded, _ = token_split(costs.seq_local, layer.anchor_offload_fraction, 0.0)
+    kept_share = (costs.seq_local - offloaded) / costs.seq_local
+    return saved.host_bytes + costs.modes[layer.recompute].anchor_bytes * kept_share
 
 
 def predict_stage_memory(plan: Plan, cfg: Config) -> list[PipelineRankMemory]:
@@ -79,30 +93,37 @@ def predict_stage_memory(plan: Plan, cfg: Config) -> list[PipelineRankMemory]:
     device = [sum(per_layer[layer.index].device_bytes for layer in g) for g in groups]
     host = [sum(per_layer[layer.index].host_bytes for layer in g) for g in groups]
     last = stages.num_stages - 1
-    shard = lay.dp * lay.sp
     result = []
     for p, chunk_list in enumerate(stages.rank_stages):
         psi = rank_params(costs, stages, groups, p)
-        states = model_state_bytes(psi, shard, lay.zero_stage, costs.dtype)
-        buffers = 2 * costs.boundary_bytes if lay.pp > 1 else 0.0
+        states = costs.model_states(psi)
         mine = [layer for c in chunk_list for layer in groups[c]]
-        phases = [
-            costs.workspace_bytes
-            + costs.zero_layer_transient_bytes
-            + (costs.full_layer_bytes if _rematerialises(mine) else 0.0)
-            + prefetch_bytes(costs, mine)
-        ]
-        if last in chunk_list:
-            phases.append(costs.loss_transient_bytes + costs.zero_output_transient_bytes)
+        # once per rank through forward and backward: pipeline buffers, FSDP2's gathered root
+        buffers = 2 * costs.boundary_bytes if lay.pp > 1 else 0.0
+        buffers += costs.gathered_root_bytes(chunk_list, stages.num_stages)
+        # per layer (backward order): its own tensors back on the device at its SwiGLU
+        # backward, and the next layer's offloaded tensors prefetched meanwhile
+        ordered = sorted(mine, key=lambda item: item.index, reverse=True)
+        back = [back_on_device_bytes(costs, layer, per_layer[layer.index]) for layer in ordered]
+        fetched = [restored_bytes(costs, layer, per_layer[layer.index]) for layer in ordered]
+        fetched.append(0.0)
+        rematerialised = [own + fetched[k + 1] for k, own in enumerate(back)]
+        holds_last = last in chunk_list
         grads_pending = 0.0
         if costs.grads_follow_backward:  # pp = 1: one rank, one stage, one micro-batch
-            layer_transient, loss_transient = phases[0], phases[-1]
             constant = costs.stage_constant_bytes(0, stages.num_stages)
             act, grads_live, transient = _peak_as_gradients_arrive(
-                costs, mine, per_layer, constant, layer_transient, loss_transient
+                costs, mine, per_layer, constant, rematerialised, buffers
             )
             grads_pending = max(0.0, states.grads - grads_live)
         else:
+            layer_phase = costs.layer_backward_bound_bytes
+            phases = [layer_phase + max(rematerialised, default=0.0)]
+            if holds_last:
+                phases.append(costs.loss_transient_bytes + costs.zero_output_transient_bytes)
+            # ZeRO-2 under FSDP2: every layer stays gathered from its forward to its backward
+            gathered = costs.gathered_layer_bytes * len(mine) if lay.zero_stage == 2 else 0.0
+            buffers += gathered
             best = (-1.0, 0.0, 0.0)
             for vec in stages.inflight[p]:
                 act = sum(
@@ -145,28 +166,57 @@ def _peak_as_gradients_arrive(
     layers: list[LayerPlan],
     per_layer: list[LayerActivationBytes],
     constant: float,
-    layer_transient: float,
-    loss_transient: float,
+    rematerialised: list[float],
+    root: float,
 ) -> tuple[float, float, float]:
     """(activations, gradients, transient) live at the peak of a step whose gradients appear
-    during its one backward (costs.grads_follow_backward).
+    during its one backward (costs.grads_follow_backward); `root`: the gathered root units
+    (live throughout, counted by the caller), `rematerialised`: per layer in backward order,
+    its activations back on the device at its SwiGLU backward and the next layer's
+    prefetched ones (back_on_device_bytes).
 
-    Backward runs the loss (the output layer's gradients accumulate over the logits chunks),
-    then the layers from the last to the first: while layer l runs, the saved activations of
-    layers 0..l, the gradients of the layers after l and of the output layer, l's own
-    gradients and the layer working set are live; then l's activations are freed. Last the
-    embedding's gradients. planner/milp.py bounds the same sequence at the boundaries of
-    its (stage, mode) groups."""
+    Forward starts by gathering the root (FSDP2: its all-gather buffer beside the gathered
+    copy). Backward runs the loss (the output layer's gradients accumulate over the logits
+    chunks), then the layers from the last to the first: while layer l runs, the saved
+    activations of layers 0..l, the gradients of the layers after l and of the output
+    layer, l's working set (costs.layer_backward_bytes: the last layer's follows the
+    output's reduce-scatter) and, outside FSDP2, l's own gradients are live; then l's
+    activations (and, ZeRO-2 under FSDP2, its gathered parameters) are freed. Last the
+    embedding's gradients (FSDP2: unsharded, then their fp32 reduce-scatter input).
+    planner/milp.py bounds the same sequence at the boundaries of its (stage, mode)
+    groups."""
     per_param = costs.grads_bytes_per_param
     layer_grads = per_param * costs.layer_params
+    arriving_mlp, arriving_end = costs.arriving_grads_bytes
+    zero2 = costs.layout.zero_stage == 2
+    gathered = costs.gathered_layer_bytes * len(layers) if zero2 else 0.0
     acts = constant + sum(per_layer[layer.index].device_bytes for layer in layers)
     grads = per_param * costs.last.params
-    moments = [(acts, grads, loss_transient)]
-    for layer in sorted(layers, key=lambda item: item.index, reverse=True):
-        moments.append((acts, grads + layer_grads, layer_transient))
+    # forward starts by gathering the root: FSDP2's all-gather buffer beside the copy
+    moments = [(constant, 0.0, root if costs.all_gathers else 0.0)]
+    # FSDP2 reduce-scatters the output's gradients after the loss's backward (before that
+    # they are the loss's fp32 accumulator); elsewhere they are written into param.grad
+    moments.append(
+        (acts, 0.0 if costs.fsdp2_units else grads, costs.loss_transient_bytes + gathered)
+    )
+    acts -= costs.last.saved_bytes  # the final norm's and the loss's, freed by their backward
+    ordered = sorted(layers, key=lambda item: item.index, reverse=True)
+    for position, layer in enumerate(ordered):
+        first = position == 0
+        working = costs.layer_backward_bytes(first) + rematerialised[position] + gathered
+        moments.append((acts, grads + arriving_mlp, working))
         acts -= per_layer[layer.index].device_bytes
+        moments.append((acts, grads + arriving_end, costs.layer_end_bytes(first) + gathered))
         grads += layer_grads
-    moments.append((acts, grads + per_param * costs.first.params, 0.0))
+        if zero2:
+            gathered -= costs.gathered_layer_bytes
+    embedding = costs.first.params
+    last_grad = (
+        (dtype_bytes(costs.dtype) + REDUCE_BYTES) * embedding + costs.reduce_scatter_layer_bytes
+        if costs.fsdp2_units
+        else 0.0
+    )
+    moments.append((acts, grads + per_param * embedding, last_grad))
     return max(moments, key=sum)
 
 

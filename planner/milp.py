@@ -32,7 +32,7 @@ import warnings
 
 import pulp
 
-from planner.costs import LayoutCosts
+from planner.costs import REDUCE_BYTES, LayoutCosts, dtype_bytes
 from planner.highs import silence_highs_banner
 from planner.modes import BACKWARD_GROUP_ORDER, RECOMPUTE_MODES, SPLIT_MODES
 from planner.schedules import StageMap, pipeline_step
@@ -334,24 +334,26 @@ class LayoutMilp:
         budget = (costs.budget_bytes - ROUNDING_MARGIN_BYTES) / UNIT
         # [Constraint] GPU peak per rank: for every maximal in-flight vector t of rank p
         #   states + sum_c t_c (kept_c + constants_c) + buffers + transient <= budget
-        #   transient = max(layer backward phase, loss phase); the layer phase holds one layer's
-        #   re-materialised tensors when y[p] = 1 plus the next layer's prefetch[p]
-        buffers = (2 * costs.boundary_bytes if costs.layout.pp > 1 else 0.0) / UNIT
-        layer_phase = (costs.workspace_bytes + costs.zero_layer_transient_bytes) / UNIT
-        loss_phase = (costs.loss_transient_bytes + costs.zero_output_transient_bytes) / UNIT
+        #   buffers: pipeline buffers, FSDP2's gathered roots (and ZeRO-2's gathered layers);
+        #   transient = max(layer backward phase, loss phase); the layer phase holds one
+        #   layer's re-materialised tensors when y[p] = 1 plus the next layer's prefetch[p]
         full_layer = costs.full_layer_bytes / UNIT
+        layer_phase = costs.layer_backward_bound_bytes / UNIT
+        loss_phase = (costs.loss_transient_bytes + costs.zero_output_transient_bytes) / UNIT
         for p, chunk_list in enumerate(self.stages.rank_stages):
             states = costs.state_bytes_per_param / UNIT * self.rank_params(p)
-            phases = {
-                "layer_backward": layer_phase
-                + full_layer * self.rematerialises[p]
-                + self.prefetch_gib[p]
-            }
+            root = costs.gathered_root_bytes(list(chunk_list), self.num_stages) / UNIT
+            if costs.grads_follow_backward:
+                self._add_one_backward_rows(p, states, root, budget)
+                continue
+            rematerialised = full_layer * self.rematerialises[p] + self.prefetch_gib[p]
+            buffers = (2 * costs.boundary_bytes if costs.layout.pp > 1 else 0.0) / UNIT + root
+            if costs.layout.zero_stage == 2:  # FSDP2 (else 0): gathered forward to backward
+                gathered = costs.gathered_layer_bytes / UNIT
+                buffers += gathered * pulp.lpSum(self.stage_layers[c] for c in chunk_list)
+            phases = {"layer_backward": layer_phase + rematerialised}
             if last in chunk_list:
                 phases["loss"] = loss_phase
-            if costs.grads_follow_backward:
-                self._add_one_backward_rows(p, states, list(phases.values()), budget)
-                continue
             for k, vec in enumerate(self.stages.inflight[p]):
                 act = pulp.lpSum(
                     count * (self.kept_gib(c) + self.stage_constant_gib(c))
@@ -362,36 +364,117 @@ class LayoutMilp:
                     name = f"rank{p}_inflight_vector{k}_{phase}_phase"
                     self._add_gpu_row(states + act + buffers + transient, name, budget)
 
+    def _group_indicator(
+        self, name: str, count: pulp.LpAffineExpression, least: int
+    ) -> pulp.LpVariable:
+        """Binary `name` = [count >= least] for an integer count of layers in 0..L."""
+        flag = self.prob.add_variable(name, cat=pulp.LpBinary)
+        self.prob += flag >= (count - (least - 1)) * (1.0 / self.num_layers), f"{name}_lower"
+        self.prob += least * flag <= count, f"{name}_upper"
+        return flag
+
     def _add_one_backward_rows(
-        self, p: int, states: pulp.LpAffineExpression, phases: list, budget: float
+        self,
+        p: int,
+        states: pulp.LpAffineExpression,
+        root: float,
+        budget: float,
     ) -> None:
-        """The GPU rows of a step whose gradients follow its one backward."""
-        costs, n = self.costs, self.mode_layers
+        """The GPU rows of a step whose gradients follow its one backward (planner/memory.py's
+        _peak_as_gradients_arrive gives the exact instants these rows bound)."""
+        costs, n, L = self.costs, self.mode_layers, self.num_layers
         # [Constraint] GPU peak of a step whose gradients follow its backward:
         # One micro-batch, no pipeline (one rank, one stage): gradients appear during
-        # backward as activations are freed. Backward runs the loss, then the layers
-        # last to first: by mode group "none", "selective", "full" (BACKWARD_GROUP_ORDER:
+        # backward as activations are freed. Backward runs the loss, then the layers last to
+        # first: by mode group "none", "selective", "full" (BACKWARD_GROUP_ORDER:
         # layer_policies emits a stage's layers in STAGE_LAYER_ORDER), then the embedding.
-        # Within a group of identical layers the live bytes change linearly, so the group's
-        # boundaries bound them: at each boundary b (0: before any layer, 3: after the last)
-        #   states - grads + constants + kept(groups not yet run) + grads(output layer
-        #   + layers run) + one layer's grads + layer transient <= budget
-        # plus the loss phase (all kept, output-layer grads, loss transient) and the
-        # embedding's backward (all layer grads + its own).
+        # Each layer's backward has two instants (planner/costs.py): its SwiGLU backward
+        # (present_m of its own activations back on the device, the gradients before it,
+        # the next layer's prefetch, T_mlp) and its end (its input left, its own gradients,
+        # T_end); the model's last layer follows the output's reduce-scatter (T_first), the
+        # others a layer's (T_inner). Within a group of identical layers the instants change
+        # linearly, so its first and last layer bound them. live(b), the bytes at the start
+        # of group b (b = 0..3), is
+        #   states - grads + constants + gathered root + grads(output layer + layers run)
+        #   + kept(groups not yet run) (+ ZeRO-2 under FSDP2: gathered layers not yet run)
+        # and kept1 of a group's layer is at least K_b / L (K_b: the group's kept bytes;
+        # exact for a uniform policy). With v_b = [group b has a layer], w_b = [it has
+        # two], u_b = [a layer ran before group b], dup_b the anchors' second copy when
+        # they are split with the host (uB), the rows are:
+        #   forward start   states - grads + constants + 2 x root (its all-gather buffer)
+        #   loss            live(0) + loss working set
+        #   first of b      live(b) - K_b/L + present_m v_b + dup_b + arriving + T_mlp(u_b)
+        #   second of b     live(b) - 2 K_b/L + layer grads + present_m + dup_b + arriving
+        #                   + T_mlp inner, if w_b
+        #   last of b       live(b+1) - layer grads + present_m + dup_b + arriving
+        #                   + T_mlp inner, if v_b
+        #   end, first of b live(b) - K_b/L + arriving + T_end(u_b), if v_b
+        #   end, last of b  live(b+1) - layer grads + gathered layer + arriving + T_end, if v_b
+        #   embedding       live(3) + its gradients (+ FSDP2's unsharded copy and fp32 input)
+        # (every MLP row + prefetch[p], the next layer's offloaded tensors)
         per = costs.grads_bytes_per_param / UNIT
         layer_grads = per * costs.layer_params
-        base = states - per * self.rank_params(p) + self.stage_constant_gib(0)
-        base += per * costs.last.params
+        arriving_mlp, arriving_end = (x / UNIT for x in costs.arriving_grads_bytes)
+        gathered = (costs.gathered_layer_bytes if costs.layout.zero_stage == 2 else 0.0) / UNIT
+        t_mlp = {first: costs.layer_backward_bytes(first) / UNIT for first in (True, False)}
+        t_end = {first: costs.layer_end_bytes(first) / UNIT for first in (True, False)}
+        t_spread = max(t_mlp.values()) - min(t_mlp.values())
+        no_grads = states - per * self.rank_params(p) + self.stage_constant_gib(0)
+        if root and costs.all_gathers:  # the root's all-gather buffer beside its copy
+            self._add_gpu_row(no_grads + 2 * root, f"rank{p}_forward_start", budget)
+        base = no_grads + root + per * costs.last.params
         kept = {m: self.kept_group_gib(0, m) for m in RECOMPUTE_MODES}
-        self._add_gpu_row(base + pulp.lpSum(kept.values()) + phases[-1], f"rank{p}_loss", budget)
+        loss = base + pulp.lpSum(kept.values()) + gathered * L
+        if costs.fsdp2_units:  # the output's gradients are reduce-scattered after the loss
+            loss -= per * costs.last.params
+        loss_phase = costs.loss_transient_bytes + costs.zero_output_transient_bytes
+        self._add_gpu_row(loss + loss_phase / UNIT, f"rank{p}_loss", budget)
         backward = BACKWARD_GROUP_ORDER
-        for b in range(len(backward) + 1):
-            waiting, ran = backward[b:], backward[:b]
-            live = base + pulp.lpSum(kept[m] for m in waiting)
-            live += layer_grads * pulp.lpSum(n[0][m] for m in ran)
-            name = f"rank{p}_backward_group_boundary{b}"
-            self._add_gpu_row(live + layer_grads + phases[0], name, budget)
+        last_saved = costs.last.saved_bytes / UNIT  # freed by the final norm's backward
+        prefetch = self.prefetch_gib[p]
+        end_excess = max(t_end.values()) + arriving_end - min(t_mlp.values()) - arriving_mlp
+        for b, m in enumerate(backward):
+            ran_layers = pulp.lpSum(n[0][r] for r in backward[:b])
+            live = base + pulp.lpSum(kept[w] for w in backward[b:]) + layer_grads * ran_layers
+            live += gathered * (L - ran_layers) - last_saved
+            after = live - kept[m] + layer_grads * n[0][m] - gathered * n[0][m]  # live(b+1)
+            name = f"rank{p}_backward_group{b}"
+            present_m = costs.present_bytes(m) / UNIT
+            dup = self.anchor_gib(m) * self.offloads_anchor[p][m]
+            one_layer = kept[m] * (1.0 / L)  # at most one layer's kept bytes: K_b / n_b
+            present = self._group_indicator(f"v_{p}_{b}", n[0][m], 1)
+            if b == 0:
+                t_first, t_end_first = 0.0 + t_mlp[True], 0.0 + t_end[True]
+            else:
+                ran_any = self._group_indicator(f"u_{p}_{b}", ran_layers, 1)
+                t_first = t_mlp[True] + (t_mlp[False] - t_mlp[True]) * ran_any
+                t_end_first = t_end[True] + (t_end[False] - t_end[True]) * ran_any
+            mlp = arriving_mlp + dup + prefetch
+            first = live - one_layer + present_m * present + mlp + t_first
+            self._add_gpu_row(first, f"{name}_first_layer", budget)
+            # rows of absent layers are switched off by a big-M that makes them implied by
+            # the row of the first layer (the same or a later live(b))
+            relax = present_m + self.anchor_gib(m) + t_spread + layer_grads + 1e-3
+            last = after - layer_grads + present_m + mlp + t_mlp[False] - relax * (1 - present)
+            self._add_gpu_row(last, f"{name}_last_layer", budget)
+            two = self._group_indicator(f"w_{p}_{b}", n[0][m], 2)
+            second = live - 2 * one_layer + layer_grads + present_m + mlp + t_mlp[False]
+            self._add_gpu_row(second - relax * (1 - two), f"{name}_second_layer", budget)
+            if end_excess > 0:  # the ends can exceed the SwiGLU instants
+                relax_end = end_excess + layer_grads + gathered + 1e-3
+                end_first = live - one_layer + arriving_end + t_end_first
+                end_first -= relax_end * (1 - present)
+                self._add_gpu_row(end_first, f"{name}_end_of_first_layer", budget)
+                end_last = after - layer_grads + gathered + arriving_end + t_end[False]
+                end_last -= relax_end * (1 - present)
+                self._add_gpu_row(end_last, f"{name}_end_of_last_layer", budget)
         embedding = base + layer_grads * self.stage_layers[0] + per * costs.first.params
+        embedding -= last_saved
+        if costs.fsdp2_units:
+            embedding += (
+                (dtype_bytes(costs.dtype) + REDUCE_BYTES) * costs.first.params
+                + costs.reduce_scatter_layer_bytes
+            ) / UNIT
         self._add_gpu_row(embedding, f"rank{p}_embedding_backward", budget)
 
     def _add_host_memory_rows(self) -> None:

@@ -21,7 +21,10 @@ Model states per GPU (Psi parameters on that GPU, Nd = dp x sp ranks sharing the
     fp32 (cluster.device=cpu):     params 4 Psi, grads 4 Psi, Adam m, v 8 Psi (no master copy)
 
 ZeRO-1 shards the optimizer state, ZeRO-2 also the gradients, ZeRO-3 also the parameters:
-16 Psi, 4 Psi + 12 Psi/Nd, 2 Psi + 14 Psi/Nd, 16 Psi/Nd for both dtypes' totals.
+16 Psi, 4 Psi + 12 Psi/Nd, 2 Psi + 14 Psi/Nd, 16 Psi/Nd for both dtypes' totals (the ZeRO
+paper's table). FSDP2 (ZeRO-2/3 here) allocates 16 Psi/Nd of states in both dtypes (fp32
+sharded parameters, fp32 gradient shards, m, v: fsdp2_state_bytes, checked against torch's
+FSDPMemTracker) and gathers the compute-dtype parameters per unit as working set.
 """
 
 from __future__ import annotations
@@ -78,6 +81,15 @@ def model_state_bytes(
         grads=per.grads * (shard if zero_stage >= 2 else num_params),
         optimizer=per.optimizer * (shard if zero_stage >= 1 else num_params),
     )
+
+
+def fsdp2_state_bytes(num_params: int, shard_ranks: int) -> ModelStateBytes:
+    """Model states of `num_params` parameters under FSDP2 (ZeRO-2/3), as it allocates them
+    in both dtypes: the sharded parameter is the fp32 master (4 / Nd), its gradient shard is
+    fp32 (4 / Nd: gradients are reduced in fp32), Adam's m and v 8 / Nd. The compute-dtype
+    copies FSDP2 all-gathers per unit are working set, not states (planner/costs.py)."""
+    shard = _shard(num_params, shard_ranks)
+    return ModelStateBytes(params=4 * shard, grads=4 * shard, optimizer=8 * shard)
 
 
 @dataclass(frozen=True)

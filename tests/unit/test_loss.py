@@ -68,8 +68,12 @@ def test_working_set_is_one_fp32_chunk_measured_by_torchs_mem_tracker(dtype):
         chunked_cross_entropy(hidden, weight, targets, chunk).backward()
     peak = sum(stats.get("Total", 0) for stats in tracker.get_tracker_snapshot("peak").values())
     size = torch.finfo(dtype).bits // 8
-    inputs_and_grads = 2 * (tokens + vocab) * hidden_size * size
+    # the inputs and the hidden states' gradient; in bf16 the weight's gradient is made from
+    # the fp32 accumulator after the last chunk, when the chunk's block is already freed
+    inputs_and_grads = (2 * tokens + vocab) * hidden_size * size
+    if dtype == torch.float32:
+        inputs_and_grads += vocab * hidden_size * size  # the accumulator is the gradient
     # what the planner adds for the loss phase: the states and gradients plus its working set
     predicted = inputs_and_grads + loss_transient_bytes(chunk, vocab, hidden_size, size)
-    # below by at most the loss's small index and log-sum-exp tensors (< 0.5%), over by <= 3%
-    assert peak * 0.995 <= predicted <= peak * 1.03, (peak, predicted)
+    # below by at most the loss's small index and log-sum-exp tensors (< 0.5%), over by <= 1%
+    assert peak * 0.995 <= predicted <= peak * 1.01, (peak, predicted)

@@ -1,0 +1,99 @@
+"""The simple policies a user could configure by hand, evaluated exactly, so that memplan's
+plan never loses to one of them (planner/make.py step 4).
+
+    keep        every activation kept on the device (no policy)
+    selective   selective recomputation in every layer (h1, h2 and the SwiGLU product)
+    full        whole-layer recomputation in every layer (torch.utils.checkpoint per layer)
+    offload     every saved tensor of every layer on the host (torch's save_on_cpu)
+
+Each is a point of the MILP's search space, but the MILP bounds some instants of a step
+(planner/milp.py) where planner/memory.py evaluates them exactly, so near the memory limit
+the MILP can refuse a policy that fits. Here each baseline is built with the same
+evaluator as every plan (planner/assemble.py build_plan) on every layout whose bounds
+allow it to fit and to beat the plan found, and the fastest one that fits is returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from configs.schema import Config
+from planner.assemble import build_plan
+from planner.costs import LayoutCosts
+from planner.plan import LayerPlan, Layout, Plan, SolverInfo
+
+BASELINES = ("keep", "selective", "full", "offload")
+"""The simple policies, in the order they are tried."""
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """One simple policy on one layout, evaluated."""
+
+    name: str
+    plan: Plan
+
+    @property
+    def fits(self) -> bool:
+        memory = self.plan.memory
+        return (
+            memory.gpu_peak_bytes <= memory.gpu_budget_bytes
+            and memory.host_bytes_per_node <= memory.host_budget_bytes_per_node
+        )
+
+
+def baseline_layers(name: str, layout: Layout, num_layers: int) -> list[LayerPlan]:
+    """Every layer with policy `name`, the layers split evenly over the pipeline stages."""
+    stages = layout.num_stages
+    mode = {"selective": "selective", "full": "full"}.get(name, "none")
+    offload = 1.0 if name == "offload" else 0.0
+    return [
+        LayerPlan(
+            index=i,
+            stage=i * stages // num_layers,
+            offload_fraction=offload,
+            recompute=mode,  # type: ignore[arg-type]
+            recompute_fraction=0.0,
+            anchor_offload_fraction=offload,
+        )
+        for i in range(num_layers)
+    ]
+
+
+def allowed(name: str, costs: LayoutCosts) -> bool:
+    """Whether the layout can run baseline `name` (offload needs it enabled, full needs a
+    backend that runs whole-layer recomputation)."""
+    if name == "offload":
+        return costs.offload
+    if name == "full":
+        return costs.full_recompute
+    return True
+
+
+def baselines(
+    cfg: Config, layouts: list[tuple[Layout, LayoutCosts]], solver: SolverInfo
+) -> Iterator[Baseline]:
+    """Every allowed baseline on every given layout, evaluated exactly."""
+    for layout, costs in layouts:
+        for name in BASELINES:
+            if allowed(name, costs):
+                layers = baseline_layers(name, layout, cfg.model.num_layers)
+                yield Baseline(name, build_plan(cfg, layout, layers, solver))
+
+
+def fastest_fitting(
+    cfg: Config,
+    layouts: list[tuple[Layout, LayoutCosts]],
+    solver: SolverInfo,
+    faster_than: float | None = None,
+) -> Baseline | None:
+    """The fastest baseline that fits (and is faster than `faster_than` seconds per step)."""
+    best: Baseline | None = None
+    for found in baselines(cfg, layouts, solver):
+        step = found.plan.time.step_seconds
+        if not found.fits or (faster_than is not None and step >= faster_than):
+            continue
+        if best is None or step < best.plan.time.step_seconds:
+            best = found
+    return best
