@@ -50,6 +50,7 @@ torch.distributed.pipelining keeps them for the backward).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -62,7 +63,9 @@ from planner.params import (
     StateBytesPerParam,
     fsdp2_state_bytes,
     model_state_bytes,
+    owner_partition_max,
     param_counts,
+    parameter_sizes,
 )
 from planner.plan import Layout
 from planner.units import GIB
@@ -213,6 +216,11 @@ class LayoutCosts:
     layer's prefetch) beyond the workspace; FSDP2: see fsdp2_units."""
     loss_transient_bytes: float
     zero_output_transient_bytes: float
+    output_is_embedding: bool
+    """Tied embeddings on one stage: the loss's weight gradient is the embedding's."""
+    owner_imbalance_bytes: float
+    """torch's ZeRO-1: the busiest owner's optimizer bytes beyond an even share (exact on one
+    stage, bounded by the largest tensor's elsewhere; 0 for other layouts)."""
     fsdp2_units: bool
     """FSDP2 units (zero_backend fsdp2, ZeRO-2/3): every decoder layer and each stage's root
     (its embedding, final norm, output) is a unit whose compute-dtype parameters are
@@ -247,13 +255,24 @@ class LayoutCosts:
     def states_per_param(self) -> StateBytesPerParam:
         return StateBytesPerParam.of(self.dtype)
 
-    def model_states(self, num_params: int) -> ModelStateBytes:
+    def model_states(self, num_params: int, sizes: list[int] | None = None) -> ModelStateBytes:
         """Model states of `num_params` parameters held by one GPU of this layout, as its
-        backend allocates them (planner/params.py)."""
+        backend allocates them (planner/params.py); `sizes`: those parameters tensor by
+        tensor, for torch's ZeRO-1, which gives each tensor whole to one owner."""
         shard = self.layout.dp * self.layout.sp
         if self.fsdp2_units:
             return fsdp2_state_bytes(num_params, shard)
-        return model_state_bytes(num_params, shard, self.layout.zero_stage, self.dtype)
+        states = model_state_bytes(num_params, shard, self.layout.zero_stage, self.dtype)
+        if self.owner_partitioned and sizes is not None and shard > 1:
+            busiest = owner_partition_max(sizes, shard)
+            optimizer = self.states_per_param.optimizer * busiest
+            return dataclasses.replace(states, optimizer=optimizer)
+        return states
+
+    @property
+    def owner_partitioned(self) -> bool:
+        """torch's ZeRO-1 (parallel/zero.py): optimizer state partitioned by whole tensors."""
+        return self.layout.zero_backend == "fsdp2" and self.layout.zero_stage == 1
 
     @property
     def all_gathers(self) -> bool:
@@ -629,6 +648,20 @@ def loss_transient_bytes(chunk_tokens: int, vocab: int, hidden: int, dtype_bytes
     return block + (0 if fp32 else (vocab + chunk_tokens) * hidden * FP32_BYTES)
 
 
+def _owner_imbalance_bytes(model: ModelConfig, layout: Layout, optimizer_bytes: int) -> float:
+    """What torch's ZeRO-1 owner partition adds to the busiest owner over an even share of
+    the optimizer state: exact on one stage; otherwise LPT's bound, the largest tensor x
+    (N - 1) / N (planner/params.py owner_partition_max)."""
+    ranks = layout.dp * layout.sp
+    if layout.zero_backend != "fsdp2" or layout.zero_stage != 1 or ranks == 1:
+        return 0.0
+    if layout.pp == 1:
+        sizes = parameter_sizes(model, layout.tp, model.num_layers, True, True)
+        return optimizer_bytes * (owner_partition_max(sizes, ranks) - sum(sizes) / ranks)
+    sizes = parameter_sizes(model, layout.tp, 1, True, True)
+    return optimizer_bytes * max(sizes) * (ranks - 1) / ranks
+
+
 def layout_costs(
     model: ModelConfig,
     cluster: ClusterConfig,
@@ -716,6 +749,8 @@ def layout_costs(
         ),
         loss_transient_bytes=loss_transient,
         zero_output_transient_bytes=output_params * a if zero.stage == 3 and not fsdp2 else 0,
+        output_is_embedding=model.tie_embeddings and layout.pp == 1,
+        owner_imbalance_bytes=_owner_imbalance_bytes(model, layout, per.optimizer),
         fsdp2_units=fsdp2,
         gathered_layer_bytes=psi * a if fsdp2 else 0.0,
         reduce_scatter_layer_bytes=psi * REDUCE_BYTES if fsdp2 else 0.0,

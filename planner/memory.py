@@ -25,7 +25,7 @@ from planner.activations import (
     token_split,
 )
 from planner.costs import REDUCE_BYTES, LayoutCosts, costs_for, dtype_bytes
-from planner.params import model_state_bytes
+from planner.params import model_state_bytes, parameter_sizes
 from planner.plan import LayerPlan, PipelineRankMemory, Plan
 from planner.schedules import StageMap
 
@@ -96,7 +96,14 @@ def predict_stage_memory(plan: Plan, cfg: Config) -> list[PipelineRankMemory]:
     result = []
     for p, chunk_list in enumerate(stages.rank_stages):
         psi = rank_params(costs, stages, groups, p)
-        states = costs.model_states(psi)
+        sizes = [
+            size
+            for c in chunk_list
+            for size in parameter_sizes(
+                cfg.model, lay.tp, len(groups[c]), first=c == 0, last=c == last
+            )
+        ]
+        states = costs.model_states(psi, sizes)
         mine = [layer for c in chunk_list for layer in groups[c]]
         # once per rank through forward and backward: pipeline buffers, FSDP2's gathered root
         buffers = 2 * costs.boundary_bytes if lay.pp > 1 else 0.0
@@ -191,7 +198,10 @@ def _peak_as_gradients_arrive(
     zero2 = costs.layout.zero_stage == 2
     gathered = costs.gathered_layer_bytes * len(layers) if zero2 else 0.0
     acts = constant + sum(per_layer[layer.index].device_bytes for layer in layers)
-    grads = per_param * costs.last.params
+    # the output layer's gradients (the embedding's, when they are tied on this stage) are
+    # made by the loss's backward
+    tied_grads = costs.output_is_embedding and not costs.fsdp2_units
+    grads = per_param * (costs.last.params + (costs.first.params if tied_grads else 0))
     # forward starts by gathering the root: FSDP2's all-gather buffer beside the copy
     moments = [(constant, 0.0, root if costs.all_gathers else 0.0)]
     # FSDP2 reduce-scatters the output's gradients after the loss's backward (before that
@@ -211,12 +221,14 @@ def _peak_as_gradients_arrive(
         if zero2:
             gathered -= costs.gathered_layer_bytes
     embedding = costs.first.params
+    # FSDP2: its unsharded gradient and fp32 reduce-scatter input; a tied embedding elsewhere:
+    # its dense gradient beside the loss's, and their sum (accumulated out of place)
     last_grad = (
         (dtype_bytes(costs.dtype) + REDUCE_BYTES) * embedding + costs.reduce_scatter_layer_bytes
         if costs.fsdp2_units
-        else 0.0
+        else (2 * per_param * embedding if tied_grads else 0.0)
     )
-    moments.append((acts, grads + per_param * embedding, last_grad))
+    moments.append((acts, grads + (0.0 if tied_grads else per_param * embedding), last_grad))
     return max(moments, key=sum)
 
 

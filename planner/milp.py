@@ -342,6 +342,7 @@ class LayoutMilp:
         loss_phase = (costs.loss_transient_bytes + costs.zero_output_transient_bytes) / UNIT
         for p, chunk_list in enumerate(self.stages.rank_stages):
             states = costs.state_bytes_per_param / UNIT * self.rank_params(p)
+            states += costs.owner_imbalance_bytes / UNIT  # torch's ZeRO-1 (else 0)
             root = costs.gathered_root_bytes(list(chunk_list), self.num_stages) / UNIT
             if costs.grads_follow_backward:
                 self._add_one_backward_rows(p, states, root, budget)
@@ -422,7 +423,9 @@ class LayoutMilp:
         no_grads = states - per * self.rank_params(p) + self.stage_constant_gib(0)
         if root and costs.all_gathers:  # the root's all-gather buffer beside its copy
             self._add_gpu_row(no_grads + 2 * root, f"rank{p}_forward_start", budget)
-        base = no_grads + root + per * costs.last.params
+        # the output layer's gradients (the embedding's when tied on this stage) come first
+        tied_grads = costs.output_is_embedding and not costs.fsdp2_units
+        base = no_grads + root + per * (costs.last.params + tied_grads * costs.first.params)
         kept = {m: self.kept_group_gib(0, m) for m in RECOMPUTE_MODES}
         loss = base + pulp.lpSum(kept.values()) + gathered * L
         if costs.fsdp2_units:  # the output's gradients are reduce-scattered after the loss
@@ -468,7 +471,9 @@ class LayoutMilp:
                 end_last = after - layer_grads + gathered + arriving_end + t_end[False]
                 end_last -= relax_end * (1 - present)
                 self._add_gpu_row(end_last, f"{name}_end_of_last_layer", budget)
-        embedding = base + layer_grads * self.stage_layers[0] + per * costs.first.params
+        embedding = base + layer_grads * self.stage_layers[0]
+        # a tied embedding: its dense gradient beside the loss's and their sum
+        embedding += (2 if tied_grads else 1) * per * costs.first.params
         embedding -= last_saved
         if costs.fsdp2_units:
             embedding += (

@@ -24,7 +24,9 @@ ZeRO-1 shards the optimizer state, ZeRO-2 also the gradients, ZeRO-3 also the pa
 16 Psi, 4 Psi + 12 Psi/Nd, 2 Psi + 14 Psi/Nd, 16 Psi/Nd for both dtypes' totals (the ZeRO
 paper's table). FSDP2 (ZeRO-2/3 here) allocates 16 Psi/Nd of states in both dtypes (fp32
 sharded parameters, fp32 gradient shards, m, v: fsdp2_state_bytes, checked against torch's
-FSDPMemTracker) and gathers the compute-dtype parameters per unit as working set.
+FSDPMemTracker) and gathers the compute-dtype parameters per unit as working set. ZeRO-1
+assigns parameters whole to owners (owner_partition_max): the busiest owner's optimizer
+state can exceed 1/Nd of the total (llama3_2_1b on 2 ranks: its 262M-parameter embedding).
 """
 
 from __future__ import annotations
@@ -133,3 +135,37 @@ def total_params(model: ModelConfig) -> int:
     """Parameters of the whole model (a tied embedding counted once)."""
     counts = param_counts(model)
     return model.num_layers * counts.layer + counts.embedding + counts.final_norm + counts.output
+
+
+def parameter_sizes(model: ModelConfig, tp: int, layers: int, first: bool, last: bool) -> list[int]:
+    """Element counts of the parameter tensors one tp rank of a stage holds (`layers` decoder
+    layers; `first`/`last`: the embedding / the final norm and output), tensor by tensor as
+    framework/components/model.py creates them (the module docstring's table)."""
+    hidden, ffn = model.hidden_size, model.ffn_size // tp
+    q_width = model.num_heads // tp * model.resolved_head_dim
+    kv_width = model.num_kv_heads // tp * model.resolved_head_dim
+    layer = [hidden, q_width * hidden, kv_width * hidden, kv_width * hidden, hidden * q_width]
+    layer += [hidden, ffn * hidden, ffn * hidden, hidden * ffn]
+    if model.qkv_bias:
+        layer += [q_width, kv_width, kv_width]
+    if model.out_bias:
+        layer.append(hidden)
+    sizes = layer * layers
+    embedding = model.vocab_size * hidden
+    if first:
+        sizes.append(embedding)
+    if last:
+        sizes.append(hidden)
+        if not model.tie_embeddings or not first:  # tied on one stage: the same tensor
+            sizes.append(embedding)
+    return sizes
+
+
+def owner_partition_max(sizes: list[int], ranks: int) -> int:
+    """The most elements one rank owns when parameters are assigned whole, largest first to
+    the least-loaded rank (parallel/zero.py partition_parameters, ZeRO-1 here)."""
+    load = [0] * ranks
+    for size in sorted(sizes, reverse=True):
+        rank = min(range(ranks), key=lambda r: (load[r], r))
+        load[rank] += size
+    return max(load)
