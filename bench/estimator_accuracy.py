@@ -7,6 +7,7 @@ per layer with bf16 weights vs fp32 weights under bf16 autocast. What is measure
 framework/measure/accuracy.py. Prints tables, writes JSON (--out), exits 0.
 
     .venv/bin/python bench/estimator_accuracy.py                 # CPU: scaled-down models
+    .venv/bin/python bench/estimator_accuracy.py --trace         # real widths, no GPU
     python3 bench/estimator_accuracy.py --device cuda --out estimator.json     # GPU defaults
     ... --case llama3_2_1b:0:65536:planner --case llama2_7b:4:8192:mix         # own cases
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 from typing import Any
+
+import torch
 
 from configs.schema import Config
 from framework.measure.accuracy import (
@@ -37,6 +40,14 @@ from framework.measure.bench import (
 from framework.measure.device import DeviceInfo, environment, environment_line
 from framework.measure.report import relative_error
 from framework.measure.tables import format_table, percent
+from framework.measure.trace_accuracy import (
+    PEAK_ABOVE,
+    PEAK_BELOW,
+    PHASE_TOLERANCE,
+    TRACE_CASES,
+    run_trace_case,
+    within_targets,
+)
 from launch.compose import compose_config
 from planner.units import format_bytes
 
@@ -103,6 +114,54 @@ def precision_table(rows: list[dict[str, Any]]) -> str:
     return format_table(PRECISION_HEADERS, body)
 
 
+TRACE_HEADERS = (
+    "case", "policy", "layout", "predicted peak", "traced peak", "error", "peak falls in",
+    "worst phase", "host pred / traced",
+)  # fmt: skip
+
+
+def trace_table(rows: list[dict[str, Any]]) -> str:
+    body = []
+    for row in rows:
+        head = [row["case"], row["policy"], row["layout"]]
+        if "untraced" in row:
+            body.append([*head, "not traced: " + row["untraced"]])
+            continue
+        body.append(
+            [
+                *head,
+                format_bytes(row["predicted_peak_bytes"]),
+                format_bytes(row["traced_peak_bytes"]),
+                percent(row["peak_error"]),
+                row["peak_phase"],
+                percent(row["worst_phase_error"]),
+                f"{format_bytes(row['predicted_host_bytes'])} / "
+                f"{format_bytes(row['traced_host_bytes'])}",
+            ]
+        )
+    return format_table(TRACE_HEADERS, body)
+
+
+def run_traces(args: argparse.Namespace) -> int:
+    """--trace: every TRACE_CASES configuration traced at real widths (no GPU needed)."""
+    print(f"estimator accuracy, traced | torch {torch.__version__}")
+    rows = []
+    for case in TRACE_CASES:
+        rows.append(run_trace_case(case, compose_config([*case.overrides, *args.override])))
+        print(f"  done: {case.name} ({case.policy})", flush=True)
+    print("\npredicted vs traced peak per GPU, rank 0 (error = predicted / traced - 1)")
+    print(trace_table(rows))
+    traced = [row for row in rows if "untraced" not in row]
+    ok = sum(within_targets(row) for row in traced)
+    print(
+        f"within -{PEAK_BELOW:.0%} / +{PEAK_ABOVE:.0%} (peak) and ±{PHASE_TOLERANCE:.0%} "
+        f"(every predicted phase): {ok} of {len(traced)} traced configurations; "
+        f"{len(rows) - len(traced)} layouts not traced"
+    )
+    write_json(args.out, {"torch": torch.__version__, "traced_cases": rows})
+    return 0
+
+
 def config(args: argparse.Namespace, info: DeviceInfo, model: str, layers: int, seq: int) -> Config:
     """The config of one sequence of `seq` tokens on this device (scaled per --scale)."""
     overrides = bench_overrides(model, layers or None, seq, info, args.override)
@@ -121,6 +180,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, DeviceInfo, 
         + "); default: a GPU or a CPU list",
     )
     parser.add_argument("--steps", type=int, default=3, help="steps per case (first warms up)")
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="trace the TRACE_CASES at real widths under FakeTensorMode instead of running",
+    )
     parser.add_argument("--no-precision-check", action="store_true")
     parser.add_argument(
         "--precision-seq-len", type=int, help="tokens of the precision check (GPU 4096, CPU 128)"
@@ -138,6 +202,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, DeviceInfo, 
 
 def main(argv: list[str] | None = None) -> int:
     args, info, cases = parse_args(argv)
+    if args.trace:
+        return run_traces(args)
     env = environment(info)
     print(f"estimator accuracy | {environment_line(env)}")
     rows = []

@@ -32,18 +32,30 @@ planner.collective_latency_seconds):
 Host transfers: a layer's offloaded bytes go out during its forward and come back during the
 backward of the layer after it; what does not fit behind that compute is exposed.
 
-Transient working set on a rank (beyond the states and the in-flight saved activations):
-    backward of a layer   T a (6F + 4H) gradient temporaries (the SwiGLU backward's F-wide
-                          tensors dominate) + the layer's own offloaded/recomputed tensors back
-                          on the device + the next layer's prefetched tensors (<= one whole
-                          layer each; only on ranks that offload or recompute anything)
-                          + ZeRO-3: two gathered layers and one unsharded gradient;
-                          ZeRO-2: one unsharded layer gradient
+Transient working set on a rank (beyond the states and the in-flight saved activations),
+each term checked against torch's MemTracker / FSDPMemTracker tracing the runtime at real
+widths (framework/measure/trace.py; bench/estimator_accuracy.py --trace):
+    a layer's backward    two instants (layer_workspace_bytes): the SwiGLU backward, net
+                          T a (3F + H) over the saved set (+ w2's weight gradient), with the
+                          layer's offloaded and recomputed tensors back on the device and the
+                          next layer's prefetched (planner/memory.py back_on_device_bytes);
+                          and its end, T H (3 x 4 + a) + all its weight gradients with only
+                          its input left of its activations
+    FSDP2 (ZeRO-2/3)      states 16 Psi / Nd as allocated (fp32 shards, fp32 gradient shards,
+                          m, v); each stage's root (embedding, final norm, output) gathered
+                          in the compute dtype through forward and backward (twice while its
+                          all-gather buffer lives, at the start); ZeRO-3: the layer's own and
+                          the next layer's gathered parameters, ZeRO-2: every layer gathered
+                          from its forward to its backward; the previous unit's fp32
+                          reduce-scatter input (the output's after the loss); a tied output's
+                          unsharded gradient until the embedding's backward
+    DeepSpeed ZeRO-2/3    one unsharded layer gradient (+ two gathered layers, ZeRO-3)
+    torch ZeRO-1          the busiest owner's optimizer state (whole tensors, largest first)
     loss (last stage)     loss_transient_bytes: one fp32 min(loss_chunk_tokens, T) x vocab
                           block (+ its copy in the dtype when that is not fp32) + the fp32
-                          [vocab, H] weight-gradient accumulator (bf16 only: in fp32 it is
-                          the gradient itself, counted with the gradients)
-                          + ZeRO-3: the gathered output projection
+                          [vocab, H] weight-gradient accumulator and the chunk's hidden states
+                          in fp32 (bf16 only: in fp32 the accumulator is the gradient itself)
+                          + the gradient of the hidden states
 Pipeline stages also hold each in-flight micro-batch's stage input and output (T H a each:
 torch.distributed.pipelining keeps them for the backward).
 """
@@ -75,6 +87,9 @@ ADAM_BYTES_PER_PARAM = 28
 m and v read and written (24) + the gradient read and the parameter written."""
 NORM_BACKWARD_FP32_TENSORS = 3
 """fp32 [T, H] temporaries alive at once in framework/components/ops.py's RMSNorm backward."""
+FINAL_NORM_FP32_TENSORS = 4
+"""fp32 [T, H] temporaries alive at once in the final norm's backward (measured with torch's
+MemTracker: one more than in a layer's norms)."""
 SWIGLU_BACKWARD_TENSORS = 3
 """[T, F] temporaries alive at once in framework/components/ops.py's SwiGLU backward."""
 REDUCE_BYTES = FP32_BYTES
@@ -273,6 +288,38 @@ class LayoutCosts:
     def owner_partitioned(self) -> bool:
         """torch's ZeRO-1 (parallel/zero.py): optimizer state partitioned by whole tensors."""
         return self.layout.zero_backend == "fsdp2" and self.layout.zero_stage == 1
+
+    @property
+    def gather_copy_factor(self) -> float:
+        """What gathering a unit briefly adds, per byte of its gathered parameters: FSDP2's
+        all-gather buffer beside the gathered copy (1), or on one rank the fp32 copy it casts
+        from, before the gathered copy exists (4 / dtype bytes - 1); 0 without FSDP2
+        (measured with FSDPMemTracker at the root's gather)."""
+        if not self.fsdp2_units:
+            return 0.0
+        return 1.0 if self.all_gathers else FP32_BYTES / dtype_bytes(self.dtype) - 1.0
+
+    @property
+    def final_norm_backward_bytes(self) -> float:
+        """Working set of the final norm's backward beyond the saved set (less the loss's
+        hidden input, freed) and the output's gradients: FINAL_NORM_FP32_TENSORS fp32 [T, H]
+        temporaries and the incoming gradient, the output's reduce-scatter input or a tied
+        output's held gradient (FSDP2) and the first layer in backward being all-gathered."""
+        fp32_share = FINAL_NORM_FP32_TENSORS * FP32_BYTES / dtype_bytes(self.dtype)
+        norm = self.boundary_bytes * (fp32_share + 1)
+        return (
+            norm
+            + self.reduce_scatter_output_bytes
+            + self.held_output_grad_bytes
+            + (self.prefetched_layer_bytes)
+        )
+
+    @property
+    def prefetched_layer_bytes(self) -> float:
+        """ZeRO-3 under FSDP2 over more than one rank: the next layer's all-gathered
+        parameters, part of zero_layer_transient_bytes (0 otherwise)."""
+        zero3 = self.layout.zero_stage == 3
+        return self.gathered_layer_bytes if zero3 and self.all_gathers else 0.0
 
     @property
     def all_gathers(self) -> bool:

@@ -2,30 +2,35 @@
 
 The same cost coefficients as the MILP (planner/costs.py), evaluated layer by layer with the
 exact token rounding the runtime uses (planner/activations.py). `memplan profile` compares
-these numbers with measurements.
+these numbers with measurements, `memplan profile profile.mode=trace` with torch's
+MemTracker at real widths (within 0-2% on every traced configuration: BENCHMARKS.md).
 
-Peak of one GPU of pp rank p = model states + max over the schedule's in-flight vectors t
-(planner/schedules.py) of [ sum over p's stages c of t_c x (device-resident saved bytes of
-c's layers + RoPE tables + first/last-stage extras + pipeline stage input/output)
-+ pipeline buffers + transient working set ].
+Peak of one GPU of pp rank p = model states (as its backend allocates them) + max over the
+schedule's in-flight vectors t (planner/schedules.py) of [ sum over p's stages c of t_c x
+(device-resident saved bytes of c's layers + RoPE tables + first/last-stage extras +
+pipeline stage input/output) + pipeline buffers + FSDP2's gathered units + the working
+set of a layer's backward or of the loss ].
 
 When a step's gradients appear during its one backward (LayoutCosts.grads_follow_backward:
-one micro-batch, no pipeline, torch's optimizer), the peak follows backward instead: the
-activations still saved plus the gradients produced so far (_peak_as_gradients_arrive), and
-the plan reports the gradients not yet produced at that instant as grads_pending_bytes.
+one micro-batch, no pipeline, torch's optimizer), the peak is the largest of the instants
+backward_instants lists: the root's all-gather, the loss's backward, each layer's
+SwiGLU-backward and last instants, the embedding's backward; the plan reports the gradients
+not yet produced at that instant as grads_pending_bytes. predict_phase_peaks gives the same
+instants by phase, named as the tracer names them.
 """
 
 from __future__ import annotations
 
 from configs.schema import Config
 from planner.activations import (
+    FP32_BYTES,
     LayerActivationBytes,
     LayerShape,
     layer_activation_bytes,
     token_split,
 )
 from planner.costs import REDUCE_BYTES, LayoutCosts, costs_for, dtype_bytes
-from planner.params import model_state_bytes, parameter_sizes
+from planner.params import ModelStateBytes, model_state_bytes, parameter_sizes
 from planner.plan import LayerPlan, PipelineRankMemory, Plan
 from planner.schedules import StageMap
 
@@ -56,6 +61,63 @@ def rank_params(costs: LayoutCosts, stages: StageMap, groups: list[list[LayerPla
         costs.layer_params * len(groups[c]) + costs.stage_extra_params(c, stages.num_stages)
         for c in stages.rank_stages[p]
     )
+
+
+def _rank_inputs(
+    cfg: Config,
+    costs: LayoutCosts,
+    stages: StageMap,
+    groups: list[list[LayerPlan]],
+    per_layer: list[LayerActivationBytes],
+    p: int,
+) -> tuple[int, ModelStateBytes, list[LayerPlan], float, list[float]]:
+    """What one GPU of pp rank p holds: (parameters, model states, its layers, what it holds
+    once through forward and backward, per layer in backward order its activations back
+    on the device at its SwiGLU backward plus the next layer's prefetch)."""
+    chunk_list = stages.rank_stages[p]
+    last = stages.num_stages - 1
+    psi = rank_params(costs, stages, groups, p)
+    sizes = [
+        size
+        for c in chunk_list
+        for size in parameter_sizes(
+            cfg.model, costs.layout.tp, len(groups[c]), first=c == 0, last=c == last
+        )
+    ]
+    states = costs.model_states(psi, sizes)
+    mine = [layer for c in chunk_list for layer in groups[c]]
+    # once per rank through forward and backward: pipeline buffers, FSDP2's gathered root
+    buffers = 2 * costs.boundary_bytes if costs.layout.pp > 1 else 0.0
+    buffers += costs.gathered_root_bytes(list(chunk_list), stages.num_stages)
+    ordered = sorted(mine, key=lambda item: item.index, reverse=True)
+    back = [back_on_device_bytes(costs, layer, per_layer[layer.index]) for layer in ordered]
+    fetched = [restored_bytes(costs, layer, per_layer[layer.index]) for layer in ordered]
+    fetched.append(0.0)
+    rematerialised = [own + fetched[k + 1] for k, own in enumerate(back)]
+    return psi, states, mine, buffers, rematerialised
+
+
+def predict_phase_peaks(plan: Plan, cfg: Config) -> dict[str, int]:
+    """Predicted device peak of every phase of the step that can hold the step's peak, named
+    as framework/measure/trace.py names them, for a step whose gradients follow its one
+    backward (one stage, one micro-batch, FSDP2 or torch's optimizer); {} otherwise."""
+    costs = costs_for(cfg, plan.layout)
+    if not costs.grads_follow_backward:
+        return {}
+    stages = StageMap.of(plan.layout, cfg.cluster.gpus_per_node)
+    groups = stage_layers(plan)
+    per_layer = predict_layer_activation_bytes(plan, cfg)
+    _, states, mine, buffers, rematerialised = _rank_inputs(
+        cfg, costs, stages, groups, per_layer, 0
+    )
+    constant = costs.stage_constant_bytes(0, stages.num_stages)
+    peaks: dict[str, int] = {}
+    for phase, act, grads, transient in backward_instants(
+        costs, mine, per_layer, constant, rematerialised, buffers
+    ):
+        total = round(states.total - states.grads + grads + act + buffers + transient)
+        peaks[phase] = max(peaks.get(phase, 0), total)
+    return peaks
 
 
 def back_on_device_bytes(
@@ -95,26 +157,9 @@ def predict_stage_memory(plan: Plan, cfg: Config) -> list[PipelineRankMemory]:
     last = stages.num_stages - 1
     result = []
     for p, chunk_list in enumerate(stages.rank_stages):
-        psi = rank_params(costs, stages, groups, p)
-        sizes = [
-            size
-            for c in chunk_list
-            for size in parameter_sizes(
-                cfg.model, lay.tp, len(groups[c]), first=c == 0, last=c == last
-            )
-        ]
-        states = costs.model_states(psi, sizes)
-        mine = [layer for c in chunk_list for layer in groups[c]]
-        # once per rank through forward and backward: pipeline buffers, FSDP2's gathered root
-        buffers = 2 * costs.boundary_bytes if lay.pp > 1 else 0.0
-        buffers += costs.gathered_root_bytes(chunk_list, stages.num_stages)
-        # per layer (backward order): its own tensors back on the device at its SwiGLU
-        # backward, and the next layer's offloaded tensors prefetched meanwhile
-        ordered = sorted(mine, key=lambda item: item.index, reverse=True)
-        back = [back_on_device_bytes(costs, layer, per_layer[layer.index]) for layer in ordered]
-        fetched = [restored_bytes(costs, layer, per_layer[layer.index]) for layer in ordered]
-        fetched.append(0.0)
-        rematerialised = [own + fetched[k + 1] for k, own in enumerate(back)]
+        psi, states, mine, buffers, rematerialised = _rank_inputs(
+            cfg, costs, stages, groups, per_layer, p
+        )
         holds_last = last in chunk_list
         grads_pending = 0.0
         if costs.grads_follow_backward:  # pp = 1: one rank, one stage, one micro-batch
@@ -177,7 +222,22 @@ def _peak_as_gradients_arrive(
     root: float,
 ) -> tuple[float, float, float]:
     """(activations, gradients, transient) live at the peak of a step whose gradients appear
-    during its one backward (costs.grads_follow_backward); `root`: the gathered root units
+    during its one backward (backward_instants)."""
+    instants = backward_instants(costs, layers, per_layer, constant, rematerialised, root)
+    return max((instant[1:] for instant in instants), key=sum)
+
+
+def backward_instants(
+    costs: LayoutCosts,
+    layers: list[LayerPlan],
+    per_layer: list[LayerActivationBytes],
+    constant: float,
+    rematerialised: list[float],
+    root: float,
+) -> list[tuple[str, float, float, float]]:
+    """(phase, activations, gradients, transient) at every instant that can hold the peak of
+    a step whose gradients appear during its one backward (costs.grads_follow_backward),
+    phases named as framework/measure/trace.py names them; `root`: the gathered root units
     (live throughout, counted by the caller), `rematerialised`: per layer in backward order,
     its activations back on the device at its SwiGLU backward and the next layer's
     prefetched ones (back_on_device_bytes).
@@ -203,20 +263,32 @@ def _peak_as_gradients_arrive(
     tied_grads = costs.output_is_embedding and not costs.fsdp2_units
     grads = per_param * (costs.last.params + (costs.first.params if tied_grads else 0))
     # forward starts by gathering the root: FSDP2's all-gather buffer beside the copy
-    moments = [(constant, 0.0, root if costs.all_gathers else 0.0)]
+    # the embedding's output beside the saved set so far; the RoPE tables made in fp32
+    start = constant - costs.last.saved_bytes + costs.boundary_bytes
+    start += costs.chunk_saved_bytes * FP32_BYTES / dtype_bytes(costs.dtype)
+    moments = [("forward before layers", start, 0.0, root * costs.gather_copy_factor)]
     # FSDP2 reduce-scatters the output's gradients after the loss's backward (before that
     # they are the loss's fp32 accumulator); elsewhere they are written into param.grad
-    moments.append(
-        (acts, 0.0 if costs.fsdp2_units else grads, costs.loss_transient_bytes + gathered)
-    )
+    loss_grads = 0.0 if costs.fsdp2_units else grads
+    loss = ("backward outside layers", acts, loss_grads, costs.loss_transient_bytes + gathered)
+    moments.append(loss)
+    # the final norm's backward: the loss's saved hidden states freed, the output's gradients
+    # reduce-scattered (FSDP2) and the first layer in backward being gathered
+    norm = costs.final_norm_backward_bytes + gathered
+    hidden = acts - costs.boundary_bytes  # the loss's input, the norm's output
+    moments.append(("backward outside layers", hidden, grads, norm))
     acts -= costs.last.saved_bytes  # the final norm's and the loss's, freed by their backward
     ordered = sorted(layers, key=lambda item: item.index, reverse=True)
     for position, layer in enumerate(ordered):
         first = position == 0
+        # ZeRO-3 under FSDP2 prefetches the next layer; the last one in backward has none
+        unfetched = costs.prefetched_layer_bytes if position == len(ordered) - 1 else 0.0
         working = costs.layer_backward_bytes(first) + rematerialised[position] + gathered
-        moments.append((acts, grads + arriving_mlp, working))
+        phase = f"backward layer {layer.index}"
+        moments.append((phase, acts, grads + arriving_mlp, working - unfetched))
         acts -= per_layer[layer.index].device_bytes
-        moments.append((acts, grads + arriving_end, costs.layer_end_bytes(first) + gathered))
+        end = costs.layer_end_bytes(first) + gathered - unfetched
+        moments.append((phase, acts, grads + arriving_end, end))
         grads += layer_grads
         if zero2:
             gathered -= costs.gathered_layer_bytes
@@ -228,8 +300,9 @@ def _peak_as_gradients_arrive(
         if costs.fsdp2_units
         else (2 * per_param * embedding if tied_grads else 0.0)
     )
-    moments.append((acts, grads + (0.0 if tied_grads else per_param * embedding), last_grad))
-    return max(moments, key=sum)
+    embedding_grads = grads + (0.0 if tied_grads else per_param * embedding)
+    moments.append(("backward outside layers", acts, embedding_grads, last_grad))
+    return moments
 
 
 def predict_host_bytes_per_node(plan: Plan, cfg: Config, ranks: list[PipelineRankMemory]) -> int:

@@ -421,8 +421,9 @@ class LayoutMilp:
         t_end = {first: costs.layer_end_bytes(first) / UNIT for first in (True, False)}
         t_spread = max(t_mlp.values()) - min(t_mlp.values())
         no_grads = states - per * self.rank_params(p) + self.stage_constant_gib(0)
-        if root and costs.all_gathers:  # the root's all-gather buffer beside its copy
-            self._add_gpu_row(no_grads + 2 * root, f"rank{p}_forward_start", budget)
+        if root:  # the root's all-gather buffer (or fp32 copy) beside its gathered copy
+            start = no_grads + root * (1 + costs.gather_copy_factor)
+            self._add_gpu_row(start, f"rank{p}_forward_start", budget)
         # the output layer's gradients (the embedding's when tied on this stage) come first
         tied_grads = costs.output_is_embedding and not costs.fsdp2_units
         base = no_grads + root + per * (costs.last.params + tied_grads * costs.first.params)
@@ -432,6 +433,9 @@ class LayoutMilp:
             loss -= per * costs.last.params
         loss_phase = costs.loss_transient_bytes + costs.zero_output_transient_bytes
         self._add_gpu_row(loss + loss_phase / UNIT, f"rank{p}_loss", budget)
+        norm = base + pulp.lpSum(kept.values()) + gathered * L - costs.boundary_bytes / UNIT
+        norm += costs.final_norm_backward_bytes / UNIT
+        self._add_gpu_row(norm, f"rank{p}_final_norm_backward", budget)
         backward = BACKWARD_GROUP_ORDER
         last_saved = costs.last.saved_bytes / UNIT  # freed by the final norm's backward
         prefetch = self.prefetch_gib[p]

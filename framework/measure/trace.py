@@ -77,6 +77,9 @@ class PhaseBytes:
     """The tracker's categories at this phase's peak (its own names, host slabs included)."""
     peak_op: str = ""
     """The operator whose output reached this phase's peak."""
+    predicted_peak_bytes: int = 0
+    """planner/memory.py predict_phase_peaks for this phase (0: not predicted: a phase that
+    cannot hold the step's peak, or a layout whose phases the planner does not model)."""
 
 
 @dataclass
@@ -425,12 +428,18 @@ def _predicted_breakdown(plan: Plan) -> dict[str, int]:
 
 
 def trace_plan(
-    model_cfg: ModelConfig, train_cfg: TrainConfig, plan: Plan, fake: bool = True
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    plan: Plan,
+    fake: bool = True,
+    predicted_phases: dict[str, int] | None = None,
 ) -> TraceReport:
     """One traced step (the second) of the plan's runtime on rank 0 (see the module doc).
 
     fake=False runs the same steps on real CPU tensors with the same trackers, which is what
-    the tests check the fake trace against (feasible only at small widths)."""
+    the tests check the fake trace against (feasible only at small widths).
+    predicted_phases: the planner's peak per phase (planner/memory.py predict_phase_peaks),
+    reported beside the traced ones."""
     from framework.runtime.fsdp import ParallelRuntime
     from framework.runtime.local import build_local_runtime
     from parallel.dims import ParallelDims
@@ -514,6 +523,7 @@ def trace_plan(
             value - host_bytes,
             tracker.phase_categories.get(name, {}),
             tracker.phase_ops.get(name, ""),
+            (predicted_phases or {}).get(name, 0),
         )
         for name, value in sorted(tracker.phase_peaks.items(), key=lambda i: _phase_sort_key(i[0]))
     ]

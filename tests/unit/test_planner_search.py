@@ -196,9 +196,7 @@ def test_host_memory_binding_message():
     assert "cluster.host_memory_gib>=" in message and "train.seq_len<=" in message
     suggested = int(message.split("cluster.host_memory_gib>=")[1].split()[0])
     plan = make_plan(
-        compose_config(
-            [*MEMO, f"cluster.host_memory_gib={suggested}", "cluster.gpu_memory_gib=60"]
-        )
+        compose_config([*MEMO, f"cluster.host_memory_gib={suggested}", "cluster.gpu_memory_gib=60"])
     )
     assert_within_budgets(plan)
 
