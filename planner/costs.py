@@ -49,7 +49,11 @@ widths (framework/measure/trace.py; bench/estimator_accuracy.py --trace):
                           from its forward to its backward; the previous unit's fp32
                           reduce-scatter input (the output's after the loss); a tied output's
                           unsharded gradient until the embedding's backward
-    DeepSpeed ZeRO-2/3    one unsharded layer gradient (+ two gathered layers, ZeRO-3)
+    DeepSpeed ZeRO-2/3    states as DeepSpeed's estimators count them in bf16 (2 Psi +
+                          18 Psi / Nd, 18 Psi / Nd: the fp32 gradient partition included;
+                          tests/unit/test_deepspeed_estimators.py); ZeRO-2: one unsharded
+                          layer gradient; ZeRO-3: the largest module's parameters and
+                          gradients (the estimator's 4 x largest layer)
     torch ZeRO-1          the busiest owner's optimizer state (whole tensors, largest first)
     loss (last stage)     loss_transient_bytes: one fp32 min(loss_chunk_tokens, T) x vocab
                           block (+ its copy in the dtype when that is not fp32) + the fp32
@@ -73,6 +77,7 @@ from planner.params import (
     ModelStateBytes,
     ParamCounts,
     StateBytesPerParam,
+    deepspeed_state_bytes,
     fsdp2_state_bytes,
     model_state_bytes,
     owner_partition_max,
@@ -277,12 +282,20 @@ class LayoutCosts:
         shard = self.layout.dp * self.layout.sp
         if self.fsdp2_units:
             return fsdp2_state_bytes(num_params, shard)
+        if self.deepspeed_estimated:
+            return deepspeed_state_bytes(num_params, shard, self.layout.zero_stage)
         states = model_state_bytes(num_params, shard, self.layout.zero_stage, self.dtype)
         if self.owner_partitioned and sizes is not None and shard > 1:
             busiest = owner_partition_max(sizes, shard)
             optimizer = self.states_per_param.optimizer * busiest
             return dataclasses.replace(states, optimizer=optimizer)
         return states
+
+    @property
+    def deepspeed_estimated(self) -> bool:
+        """DeepSpeed ZeRO-2/3 in bf16: model states as DeepSpeed's estimators count them."""
+        lay = self.layout
+        return lay.zero_backend == "deepspeed" and lay.zero_stage >= 2 and self.dtype == "bf16"
 
     @property
     def owner_partitioned(self) -> bool:
@@ -695,6 +708,17 @@ def loss_transient_bytes(chunk_tokens: int, vocab: int, hidden: int, dtype_bytes
     return block + (0 if fp32 else (vocab + chunk_tokens) * hidden * FP32_BYTES)
 
 
+def _deepspeed_layer_transient(stage: int, psi: int, a: int, counts: ParamCounts) -> float:
+    """DeepSpeed's working set during a layer's backward: ZeRO-3 gathers parameters and
+    gradients of its largest module (its estimator's 4 x largest-layer term in bf16: the
+    embedding or output projection where they are larger than a layer; DeepSpeed cannot be
+    traced under fake tensors, so its estimator is the reference); ZeRO-2 one unsharded
+    layer gradient."""
+    if stage == 3:
+        return 2 * a * max(psi, counts.embedding, counts.output)
+    return psi * a if stage == 2 else 0.0
+
+
 def _owner_imbalance_bytes(model: ModelConfig, layout: Layout, optimizer_bytes: int) -> float:
     """What torch's ZeRO-1 owner partition adds to the busiest owner over an even share of
     the optimizer state: exact on one stage; otherwise LPT's bound, the largest tensor x
@@ -740,6 +764,12 @@ def layout_costs(
         sharded_params = fsdp2_per.params / zero.shard_ranks
         sharded_optimizer = fsdp2_per.optimizer / zero.shard_ranks
         grads_per_param = fsdp2_per.grads / zero.shard_ranks
+    deepspeed = layout.zero_backend == "deepspeed" and layout.zero_stage >= 2 and dtype == "bf16"
+    if deepspeed:  # DeepSpeed's estimators: the fp32 gradient partition counted
+        ds = deepspeed_state_bytes(zero.shard_ranks, zero.shard_ranks, layout.zero_stage)
+        sharded_params = ds.params / zero.shard_ranks
+        sharded_optimizer = ds.optimizer / zero.shard_ranks
+        grads_per_param = ds.grads / zero.shard_ranks
     # transient working set (module docstring)
     psi, hidden, ffn = rank.counts.layer, rank.hidden, rank.ffn
     # the layer's own gradients at its two backward instants (w2's, then all of them): FSDP2
@@ -792,7 +822,7 @@ def layout_costs(
             # one unsharded gradient (ZeRO-3), one unsharded gradient (ZeRO-2)
             ((2 if zero.shard_ranks > 1 else 1) * psi * a if zero.stage == 3 else 0)
             if fsdp2
-            else {3: 3 * psi * a, 2: psi * a}.get(zero.stage, 0)
+            else _deepspeed_layer_transient(zero.stage, psi, a, rank.counts)
         ),
         loss_transient_bytes=loss_transient,
         zero_output_transient_bytes=output_params * a if zero.stage == 3 and not fsdp2 else 0,

@@ -94,6 +94,19 @@ def fsdp2_state_bytes(num_params: int, shard_ranks: int) -> ModelStateBytes:
     return ModelStateBytes(params=4 * shard, grads=4 * shard, optimizer=8 * shard)
 
 
+def deepspeed_state_bytes(num_params: int, shard_ranks: int, zero_stage: int) -> ModelStateBytes:
+    """Model states of `num_params` parameters under DeepSpeed ZeRO-2/3 in bf16 as DeepSpeed's
+    own estimators count them (estimate_zero2/3_model_states_mem_needs: 2 Psi + 18 Psi / Nd
+    and 18 Psi / Nd, the fp32 gradient partition included; ZeRO-3's 4 x largest-layer term is
+    working set, planner/costs.py)."""
+    shard = _shard(num_params, shard_ranks)
+    if zero_stage == 2:  # bf16 params whole; bf16 + fp32 gradient partitions; master, m, v
+        return ModelStateBytes(params=2 * num_params, grads=6 * shard, optimizer=12 * shard)
+    if zero_stage == 3:
+        return ModelStateBytes(params=2 * shard, grads=4 * shard, optimizer=12 * shard)
+    raise ValueError(f"zero_stage={zero_stage}; DeepSpeed's estimators cover 2 and 3")
+
+
 @dataclass(frozen=True)
 class ParamCounts:
     """Parameters of the model's parts on one tensor-parallel rank."""

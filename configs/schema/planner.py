@@ -74,7 +74,9 @@ class PlannerConfig:
 
     # --- memory model --------------------------------------------------------------------
     fragmentation_reserve_fraction: float = 0.05
-    """Fraction of each GPU's memory kept free for allocator fragmentation."""
+    """Fraction of each GPU's memory kept free for allocator fragmentation, assuming the CUDA
+    allocator's expandable segments (the runtime sets PYTORCH_CUDA_ALLOC_CONF to
+    expandable_segments:True unless the user set it: framework/components/device.py)."""
     cuda_context_gib: float = 0.75
     """CUDA context and library workspaces per GPU (ignored for cluster.device=cpu)."""
     host_reserve_fraction: float = 0.1

@@ -7,11 +7,25 @@ import torch
 from configs.errors import ConfigError
 from configs.schema import ClusterConfig, TrainConfig
 
+ALLOCATOR_CONF_ENV = "PYTORCH_CUDA_ALLOC_CONF"
+EXPANDABLE_SEGMENTS = "expandable_segments:True"
+"""The CUDA caching allocator setting the runtime uses unless the user chose one: segments
+that grow in place leave far less fragmentation than fixed-size blocks, which is what the
+planner's planner.fragmentation_reserve_fraction (the plan's reserved_bytes) assumes."""
+
+
+def configure_allocator() -> str:
+    """Set PYTORCH_CUDA_ALLOC_CONF to EXPANDABLE_SEGMENTS unless the user set it (before the
+    first CUDA allocation, which reads it); returns the setting in effect."""
+    return os.environ.setdefault(ALLOCATOR_CONF_ENV, EXPANDABLE_SEGMENTS)
+
 
 def resolve_device(cluster: ClusterConfig) -> torch.device:
-    """cuda:LOCAL_RANK for a CUDA cluster (error if there is none), else the CPU."""
+    """cuda:LOCAL_RANK for a CUDA cluster (error if there is none; the allocator configured
+    by configure_allocator first), else the CPU."""
     if cluster.device == "cpu":
         return torch.device("cpu")
+    configure_allocator()
     if not torch.cuda.is_available():
         raise ConfigError(
             "cluster.device", "cuda requested but no CUDA device is available; use cluster=cpu"

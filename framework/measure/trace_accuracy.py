@@ -20,6 +20,7 @@ from configs.schema import Config
 from framework.measure.accuracy import FORCED
 from framework.measure.trace import UntracedLayout, trace_plan, untraced_reason
 from planner.assemble import build_plan
+from planner.describe import layout_summary
 from planner.make import make_plan
 from planner.memory import predict_phase_peaks
 from planner.plan import LayerPlan, Plan
@@ -134,7 +135,9 @@ def run_trace_case(case: TraceCase, cfg: Config) -> dict[str, Any]:
     """Predicted vs traced peak (and per phase) of one case, `cfg` composed from its
     overrides; `untraced` names a layout the tracer cannot run."""
     plan = with_policy(make_plan(cfg), cfg, case.policy)
-    row: dict[str, Any] = {"case": case.name, "policy": case.policy, "layout": str(plan.layout)}
+    lay = plan.layout
+    layout = layout_summary(plan) + (f" | micro {lay.micro_batch_size} x {lay.num_microbatches}")
+    row: dict[str, Any] = {"case": case.name, "policy": case.policy, "layout": layout}
     if (reason := untraced_reason(plan)) is not None:
         return {**row, "untraced": reason}
     try:
