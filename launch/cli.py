@@ -20,9 +20,10 @@ COMMANDS = {
     "train": ("launch.train_command", "plan (or plan.path=PATH), then run torchrun"),
     "profile": ("launch.profile_command", "run steps here; predicted vs measured memory"),
     "job": ("launch.job_command", "write a SLURM batch script (job.out=PATH)"),
+    "export": ("launch.export_command", "a plan as a DeepSpeed JSON / accelerate YAML"),
 }
 
-USAGE = "usage: memplan {plan,train,profile,job} [-m] [HYDRA OVERRIDES ...]\n\n" + "\n".join(
+USAGE = "usage: memplan {plan,train,profile,job,export} [-m] [HYDRA OVERRIDES ...]\n\n" + "\n".join(
     f"  {name:<8} {help_text}" for name, (_, help_text) in COMMANDS.items()
 )
 

@@ -22,14 +22,14 @@ from rich.table import Table
 
 from configs.errors import ConfigError
 from configs.schema import Config
-from launch.compose import check_overrides, compose_config
+from launch.compose import check_overrides, compose_config, warn_config
 from launch.plan_source import plan_for
 from launch.run_dir import check_writable_file
 from planner.describe import layout_summary
 from planner.errors import NoFeasiblePlan
 from planner.flops import matmul_params
 from planner.plan import LayerPlan, Plan
-from planner.units import format_gib
+from planner.units import format_bytes, format_count
 
 
 def _policy_key(layer: LayerPlan) -> tuple:
@@ -71,6 +71,22 @@ def policy_totals(plan: Plan) -> str:
     return f"off {off:.2f} anc {anchor:.2f} rec {rec:.2f} full {full} sel {sel}"
 
 
+def percent(part: float, whole: float) -> str:
+    """part of whole as a percentage that never reads as a negative zero: '12.5%', '0.004%',
+    '-0.02%', '0%' (exactly nothing)."""
+    if not part:
+        return "0%"
+    if not whole:  # a plan without a budget (written by hand)
+        return "-"
+    share = 100 * part / whole
+    return f"{share:.1f}%" if abs(share) >= 0.1 else f"{share:.1g}%"
+
+
+def signed_bytes(nbytes: float) -> str:
+    """format_bytes with the sign in front of the number: '-11.2 MiB', not '-0.01 GiB'."""
+    return f"-{format_bytes(-nbytes)}" if nbytes < 0 else format_bytes(nbytes)
+
+
 def memory_table(plan: Plan) -> Table:
     m = plan.memory
     table = Table(title="memory per GPU (most loaded pipeline rank)", title_justify="left")
@@ -88,19 +104,19 @@ def memory_table(plan: Plan) -> Table:
     if m.grads_pending_bytes:  # one micro-batch: the peak comes before all gradients exist
         rows.append(("grads not yet produced at the peak", -m.grads_pending_bytes))
     for name, value in rows:
-        table.add_row(name, format_gib(value), f"{100 * value / budget:.1f}%")
-    table.add_row("[bold]peak[/bold]", f"[bold]{format_gib(m.gpu_peak_bytes)}[/bold]",
-                  f"{100 * m.gpu_peak_bytes / budget:.1f}%")  # fmt: skip
+        table.add_row(name, signed_bytes(value), percent(value, budget))
+    table.add_row("[bold]peak[/bold]", f"[bold]{format_bytes(m.gpu_peak_bytes)}[/bold]",
+                  percent(m.gpu_peak_bytes, budget))  # fmt: skip
     table.add_row(
         "budget",
-        format_gib(budget),
-        f"= {format_gib(m.gpu_total_bytes)} - {format_gib(m.reserved_bytes)} reserve",
+        format_bytes(budget),
+        f"= {format_bytes(m.gpu_total_bytes)} - {format_bytes(m.reserved_bytes)} reserve",
     )
     host_budget = m.host_budget_bytes_per_node or 1
     table.add_row(
         "host RAM per node",
-        format_gib(m.host_bytes_per_node),
-        f"{100 * m.host_bytes_per_node / host_budget:.1f}% of {format_gib(host_budget)}",
+        format_bytes(m.host_bytes_per_node),
+        f"{percent(m.host_bytes_per_node, host_budget)} of {format_bytes(host_budget)}",
     )
     return table
 
@@ -116,11 +132,11 @@ def ranks_table(plan: Plan) -> Table:
             str(r.pp_rank),
             ",".join(map(str, r.stages)),
             str(r.num_layers),
-            format_gib(states),
-            format_gib(r.activations_bytes),
-            format_gib(r.other_bytes),
-            format_gib(r.peak_bytes),
-            format_gib(r.host_bytes),
+            format_bytes(states),
+            format_bytes(r.activations_bytes),
+            format_bytes(r.other_bytes),
+            format_bytes(r.peak_bytes),
+            format_bytes(r.host_bytes),
         )
     return table
 
@@ -147,16 +163,38 @@ def layers_table(plan: Plan) -> Table:
     return table
 
 
+def recompute_note(plan: Plan) -> str | None:
+    """Why the busiest pipeline rank's recompute time is 0 s while the plan recomputes layers
+    (they sit on other ranks); None when the time speaks for itself."""
+    if plan.time.recompute_seconds or plan.layout.pp == 1:
+        return None
+    full = sum(layer.recompute == "full" for layer in plan.layers)
+    selective = sum(layer.recompute == "selective" for layer in plan.layers)
+    tokens = sum(
+        layer.recompute == "none" and layer.recompute_fraction > 0 for layer in plan.layers
+    )
+    kinds = [f"{n} {what}" for n, what in ((full, "full"), (selective, "selective"),
+                                            (tokens, "token-wise")) if n]  # fmt: skip
+    if not kinds:
+        return None
+    return f"* recompute: {' + '.join(kinds)} layers, all on other pipeline ranks"
+
+
 def time_table(plan: Plan) -> Table:
     t = plan.time
+    note = recompute_note(plan)
     table = Table(title="predicted step", title_justify="left")
     table.add_column("what")
     table.add_column("value", justify="right")
     table.add_row("step time", f"{t.step_seconds:.4g} s")
     table.add_row("tokens/s", f"{t.tokens_per_second:,.0f}")
     table.add_row("MFU", f"{100 * t.mfu:.1f}%")
+    if plan.layout.pp > 1:  # the parts below are one rank's, not the sum over ranks
+        table.add_row("[dim]busiest pipeline rank:[/dim]", "")
     for name in ("compute", "recompute", "exposed_transfer", "exposed_comm", "bubble", "optimizer"):
-        table.add_row(f"  {name.replace('_', ' ')}", f"{getattr(t, f'{name}_seconds'):.4g} s")
+        value = f"{getattr(t, f'{name}_seconds'):.4g} s"
+        marked = name == "recompute" and note is not None
+        table.add_row(f"  {name.replace('_', ' ')}", f"{value}*" if marked else value)
     return table
 
 
@@ -175,7 +213,7 @@ def print_plan(plan: Plan, cfg: Config, console: Console) -> None:
     """The plan as rich tables."""
     mdl, tr = plan.model, plan.train
     console.print(
-        f"[bold]{mdl.name}[/bold] ({mdl.num_params / 1e9:.2f}B params) on "
+        f"[bold]{mdl.name}[/bold] ({format_count(mdl.num_params)} params) on "
         f"[bold]{cfg.cluster.name}[/bold] ({cfg.cluster.num_nodes} x "
         f"{cfg.cluster.gpus_per_node} {cfg.cluster.device}) | seq {tr.seq_len} x "
         f"{tr.global_batch_size} sequences | {tr.dtype}"
@@ -186,6 +224,9 @@ def print_plan(plan: Plan, cfg: Config, console: Console) -> None:
         console.print(ranks_table(plan))
     console.print(layers_table(plan))
     console.print(time_table(plan))
+    note = recompute_note(plan)
+    if note:
+        console.print(note, highlight=False)
     console.print(flop_formula(cfg))
     s = plan.solver
     console.print(
@@ -263,10 +304,13 @@ def run_multirun(overrides: Sequence[str], console: Console) -> int:
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     swept = [o.key_or_group for o in parsed if o.is_sweep_override()]
     configs = [compose_config(job) for job in jobs]  # bad input fails before any planning
+    for cfg in configs:
+        warn_config(cfg)
     table = Table(title=f"memplan plan: {len(jobs)} points", title_justify="left")
     for key in swept:
         table.add_column(key, justify="right")
-    for name in ("layout", "peak GPU", "host/node", "policies", "step s", "tok/s", "MFU"):
+    columns = ("layout", "peak GPU", "host/node", "policies", "step s", "tok/s", "MFU")
+    for name in (*columns, "planned in"):  # planned in: this command's time to plan the point
         table.add_column(name, justify="right")
     feasible = 0
     for job, cfg in zip(jobs, configs, strict=True):
@@ -276,7 +320,8 @@ def run_multirun(overrides: Sequence[str], console: Console) -> int:
         try:
             plan = plan_for(cfg)
         except NoFeasiblePlan as exc:
-            table.add_row(*cells, f"[red]infeasible[/red]: {exc}", "", "", "", "", "", "")
+            took = f"{time.perf_counter() - started:.1f} s"
+            table.add_row(*cells, f"[red]infeasible[/red]: {exc}", "", "", "", "", "", "", took)
             continue
         feasible += 1
         lay = plan.layout
@@ -284,12 +329,13 @@ def run_multirun(overrides: Sequence[str], console: Console) -> int:
             *cells,
             f"dp{lay.dp} tp{lay.tp} pp{lay.pp} sp{lay.sp} z{lay.zero_stage} "
             f"{lay.micro_batch_size}x{lay.num_microbatches} {lay.pp_schedule}",
-            format_gib(plan.memory.gpu_peak_bytes),
-            format_gib(plan.memory.host_bytes_per_node),
+            format_bytes(plan.memory.gpu_peak_bytes),
+            format_bytes(plan.memory.host_bytes_per_node),
             policy_totals(plan),
             f"{plan.time.step_seconds:.4g}",
             f"{plan.time.tokens_per_second:,.0f}",
-            f"{100 * plan.time.mfu:.1f}% ({time.perf_counter() - started:.1f}s)",
+            f"{100 * plan.time.mfu:.1f}%",
+            f"{time.perf_counter() - started:.1f} s",
         )
     console.print(table)
     return 0 if feasible else 3
@@ -297,14 +343,21 @@ def run_multirun(overrides: Sequence[str], console: Console) -> int:
 
 def run(args: Sequence[str]) -> int:
     """Entry point of `memplan plan` (launch/cli.py maps ConfigError and NoFeasiblePlan)."""
-    args = list(args)
+    from launch.import_command import rewrite_import, run_import
+
+    args = rewrite_import(args)  # import=PATH is plan.import_from=PATH
     multirun = any(a in ("-m", "--multirun") for a in args)
     overrides = [a for a in args if a not in ("-m", "--multirun")]
+    if multirun and any(a.startswith("plan.import_from=") for a in overrides):
+        raise ConfigError("plan.import_from", "evaluates one config; run it without -m")
     piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
     console = Console(width=140 if piped else None)  # rich assumes 80 columns in a pipe
     if multirun:
         return run_multirun(overrides, console)
     cfg = compose_config(overrides)
+    warn_config(cfg)
+    if cfg.plan.import_from:
+        return run_import(cfg)
     check_outputs(cfg)
     plan = plan_for(cfg)
     print_plan(plan, cfg, console)

@@ -18,5 +18,7 @@ data in solution) -> search (all layouts) -> assemble (per-layer plan, evaluated
 and timing) -> explain (why nothing fits) -> make (make_plan: search, then assemble or
 explain); modes (the recompute modes and their orders), schedules (pipeline placement,
 in-flight counts, the latency formula), layouts (what the runtime can execute), plot
-(plan.plot PNG). Imports run one way along that list: search never imports explain or make.
+(plan.plot PNG); targets (what a DeepSpeed / accelerate config expresses, as a Plan),
+deepspeed_config and accelerate_config (those files, written and read). Imports run one way
+along that list: search never imports explain or make.
 """

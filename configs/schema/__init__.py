@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from configs.schema.checkpoint import CheckpointConfig
 from configs.schema.cluster import ClusterConfig
+from configs.schema.export import ExportConfig
 from configs.schema.io import PlanIOConfig
 from configs.schema.launch import JobConfig, LaunchConfig
 from configs.schema.logging import LoggingConfig
@@ -39,6 +40,8 @@ class Config:
     """`memplan job`."""
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     """`memplan train` process launch."""
+    export: ExportConfig = field(default_factory=ExportConfig)
+    """`memplan export`."""
 
 
 __all__ = [
@@ -46,6 +49,7 @@ __all__ = [
     "ClusterConfig",
     "Config",
     "DataConfig",
+    "ExportConfig",
     "JobConfig",
     "LaunchConfig",
     "LoggingConfig",

@@ -13,3 +13,7 @@ class PlanIOConfig:
     """Use this plan JSON instead of planning (train, profile, job)."""
     plot: str | None = None
     """Write a PNG chart of the memory breakdown and per-layer policies here."""
+    import_from: str | None = None
+    """`memplan plan`: evaluate this DeepSpeed config JSON or accelerate config YAML (by
+    content) instead of planning, beside memplan's own plan. `import=PATH` is accepted as
+    this key (`import` is a Python keyword, so it cannot be the field's name)."""

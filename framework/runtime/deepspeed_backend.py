@@ -6,11 +6,13 @@ recomputation run (with DeepSpeed's memory_efficient_linear off); full-layer rec
 refused by ParallelDims.check_plan: DeepSpeed releases the parameters the recomputed layer
 needs in backward.
 
-deepspeed.initialize with zero_optimization.stage = layout.zero_stage (0-3), the trainer's
-AdamW (framework.components.optim: torch's implementation, so no DeepSpeed op is compiled) and LR
-schedule, gradient_accumulation_steps = num_microbatches (engine.backward divides each
-micro-batch loss by it, so gradients are those of the rows' mean), gradient_clipping =
-train.grad_clip (DeepSpeed's coefficient max_norm / (norm + 1e-6) is torch's), bf16 on GPU.
+deepspeed.initialize with the config planner/deepspeed_config.py builds (the one
+`memplan export export.format=deepspeed` writes): zero_optimization.stage =
+layout.zero_stage (0-3), the trainer's AdamW (framework.components.optim: torch's
+implementation, so no DeepSpeed op is compiled) and LR schedule,
+gradient_accumulation_steps = num_microbatches (engine.backward divides each micro-batch
+loss by it, so gradients are those of the rows' mean), gradient_clipping = train.grad_clip
+(DeepSpeed's coefficient max_norm / (norm + 1e-6) is torch's), bf16 on GPU.
 With ZeRO-0 in fp32 DeepSpeed does not report the gradient norm, so this runtime clips
 (torch's clip_grad_norm_ on the all-reduced gradients) and DeepSpeed's clipping is off.
 
@@ -27,6 +29,7 @@ copy of the model states per rank.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -36,12 +39,14 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.stateful import Stateful
 
 from configs.schema import ModelConfig, TrainConfig
+from framework.components.logs import adopt_library_logger
 from framework.components.optim import build_lr_scheduler, build_optimizer
 from framework.runtime.base import StepOutput
 from framework.runtime.state import SchedulerState
 from framework.runtime.step import accumulate_microbatches, run_train_step
 from offload import ActivationRuntime, apply_layer_policies, reserve_plan_host_memory
 from parallel.stage_model import StageModel
+from planner.deepspeed_config import deepspeed_config
 from planner.plan import Plan
 
 
@@ -57,30 +62,6 @@ class LossModule(nn.Module):
         return self.model.loss(self.model(tokens), targets)
 
 
-def deepspeed_config(
-    train_cfg: TrainConfig, plan: Plan, dtype: torch.dtype, clip_in_deepspeed: bool
-) -> dict[str, Any]:
-    """The engine configuration for the plan's layout (see the module doc)."""
-    layout = plan.layout
-    return {
-        # micro x accumulation x dp = the global batch
-        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
-        "gradient_accumulation_steps": layout.num_microbatches,
-        "train_batch_size": layout.micro_batch_size * layout.num_microbatches * layout.dp,
-        "gradient_clipping": train_cfg.grad_clip if clip_in_deepspeed else 0.0,
-        "zero_optimization": {
-            "stage": layout.zero_stage,
-            # ZeRO-3's own linear keeps the parameter, not the gathered weight, for backward;
-            # token-wise recomputation inside backward then finds it released (measured).
-            "memory_efficient_linear": all(layer.keeps_everything for layer in plan.layers),
-        },
-        "bf16": {"enabled": dtype == torch.bfloat16},
-        "zero_allow_untested_optimizer": True,  # torch's AdamW
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-
-
 class DeepSpeedRuntime:
     """One DeepSpeed engine over all ranks (dp = world size)."""
 
@@ -92,8 +73,11 @@ class DeepSpeedRuntime:
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
+        if device.type == "cpu":  # said, not detected: DeepSpeed warns when it detects a CPU
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
+        adopt_library_logger("DeepSpeed")  # its lines to the rank log, not its own stdout handler
         if device.type == "cpu":  # skip compiling the shared-memory op DeepSpeed wants on CPU
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         layout = plan.layout
@@ -126,7 +110,9 @@ class DeepSpeedRuntime:
             model=module,
             optimizer=optimizer,
             lr_scheduler=self.scheduler,
-            config=deepspeed_config(train_cfg, plan, dtype, not self.clip_here),
+            config=deepspeed_config(
+                plan, train_cfg.grad_clip, dtype == torch.bfloat16, not self.clip_here
+            ),
         )
         self.model = model
         self.names = {id(p): name for name, p in model.named_parameters()}
