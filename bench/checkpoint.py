@@ -22,6 +22,8 @@ the reused host buffers; its blocking time is printed apart. Prints a table; exi
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import shutil
 import statistics
@@ -56,6 +58,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="windows of each kind")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dir", help="where checkpoints go (default: a temporary directory)")
+    p.add_argument("--out", help="also write the results as JSON here")
     return p.parse_args()
 
 
@@ -222,6 +225,24 @@ def main() -> int:
         f"checkpoint (target >= 10x); amortised per step at every {args.every}: "
         f"{async_blocked / window:.2%} blocked, {async_cost / window:.2%} wall (target < 3%)"
     )
+    if args.out:
+        results = {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "argv": sys.argv,
+            "params": bench.num_params,
+            "state_gib": gib,
+            "baseline_step_seconds": step_s,
+            "every": args.every,
+            "rounds": args.rounds,
+            "first_async_blocked_seconds": first_blocked,
+            "blocked_seconds_per_checkpoint": {k: v[0] for k, v in summary.items()},
+            "wall_cost_seconds_per_checkpoint": {k: v[1] for k, v in summary.items()},
+            "windows": [dataclasses.asdict(w) for w in windows],
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.out}")
     return 0
 
 
