@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import typing
 from collections.abc import Iterable
 from pathlib import Path
@@ -57,8 +58,8 @@ def check_bounds(
     The key is `prefix.name` ("cluster.gpus_per_node"); the message names what is allowed and
     what was given: "must be >= 1, got 0", "must be in (0, 1], got 1.5", "must be >= 1 or
     null, got -2". Each field's annotation says what it takes: an `int` field integers only, a
-    `float` field integers or floats, never a bool; `X | None` also takes None. NaN is out of
-    every bound.
+    `float` field integers or floats, never a bool; `X | None` also takes None. NaN and the
+    infinities are out of every bound (a learning rate of inf is no more a number than nan).
     """
     allowed = _allowed(at_least, above, at_most, below)
     kinds = _numeric_fields(type(config))
@@ -73,7 +74,7 @@ def check_bounds(
         wanted = int if kind is int else (int, float)
         if isinstance(value, bool) or not isinstance(value, wanted):
             raise ConfigError(key, f"must be {type_name(kind)} {allowed}{or_null}, got {value!r}")
-        within = (
+        within = (isinstance(value, int) or math.isfinite(value)) and (
             (at_least is None or value >= at_least)
             and (above is None or value > above)
             and (at_most is None or value <= at_most)

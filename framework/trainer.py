@@ -1,8 +1,9 @@
 """The train loop. Everything it calls lives elsewhere; the loop itself stays short.
 
 resume (newest valid checkpoint) -> data (TokenLoader) -> runtime.train_step (layout,
-micro-batches, optimizer) -> metrics line on logging steps (the only host syncs) -> wandb
--> asynchronous checkpoint on checkpoint steps
+micro-batches, optimizer) -> metrics line on logging steps (the only device syncs) -> wandb
+-> asynchronous checkpoint on checkpoint steps, or after the step at which a SIGUSR1 arrived
+(then the loop stops: framework/components/stop.py)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from framework.components.device import resolve_device, resolve_dtype
 from framework.components.distributed import init_distributed
 from framework.components.logs import log_rank0
 from framework.components.metrics import MetricsTracker, header_summary
+from framework.components.stop import StopRequest
 from framework.components.tracking import WandbTracker
 from framework.runtime import TrainRuntime, build_runtime
 from planner.plan import Plan
@@ -37,6 +39,12 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)
     start_step: int = 0
     """Steps already done by the checkpoint this run resumed from (0: a fresh start)."""
+    stopped_at: int | None = None
+    """The step after which a signal (SIGUSR1) stopped the run, with a checkpoint."""
+    stop_signal: str = ""
+    """That signal's name."""
+    last_committed: int | None = None
+    """The newest checkpoint step this run committed."""
 
 
 def train(cfg: Config, plan: Plan, run_dir: Path) -> TrainResult:
@@ -83,6 +91,7 @@ def train(cfg: Config, plan: Plan, run_dir: Path) -> TrainResult:
     )
     log_rank0(logger, header_summary(plan, metrics))
     checkpointer = build_checkpointer(cfg, plan, run_dir, runtime, device)
+    stop = StopRequest()  # after the checkpointer: every rank creates the groups in one order
     result = TrainResult()
     # A snapshot overlaps the next forward/backward: the runtime calls this hook right
     # before its optimizer step writes the state the snapshot is still reading.
@@ -106,10 +115,17 @@ def train(cfg: Config, plan: Plan, run_dir: Path) -> TrainResult:
                 log_rank0(logger, line.line())
                 tracker.log(line)
                 result.losses[step] = line.loss
-            if checkpointer.due(step, last_step):
+            stopping = stop.agreed()  # host-to-host, every step: all ranks stop together
+            if checkpointer.due(step, last_step) or stopping:
                 checkpointer.save(step, {"loader": loader.state_dict()})
+            if stopping:
+                result.stopped_at, result.stop_signal = step, stop.name
+                log_rank0(logger, f"{stop.name}: stopping after step {step}, with a checkpoint")
+                break
         checkpointer.finish()  # the last checkpoint is committed before train() returns
+        result.last_committed = checkpointer.last_committed
     finally:
+        stop.close()
         runtime.pre_update_hooks.remove(checkpointer.before_update)
         checkpointer.close()
         tracker.finish()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -128,14 +129,38 @@ def check_overrides(overrides: Sequence[str]) -> None:
         try:
             (parsed,) = parser.parse_overrides([override])
         except HydraException as exc:
+            value = override.split("=", 1)[1] if "=" in override else ""
+            hint = (
+                "; quote list items that hold '=' or spaces: key='[\"--mem=0\"]'"
+                if value.startswith("[") and ("=" in value or " " in value)
+                else "; write key=value"
+            )
             raise ConfigError(
-                guess, f"cannot parse {override!r} ({_parse_detail(exc)}); write key=value"
+                guess, f"cannot parse {override!r} ({_parse_detail(exc)}){hint}"
             ) from exc
         if not parsed.key_or_group:
             raise ConfigError(
                 "override",
                 f"{override!r} has no key; write overrides as key=value (e.g. train.seq_len=4096)",
             )
+        if parsed.is_delete():  # the typed schema would fill the gap with its defaults, unseen
+            raise ConfigError(f"~{parsed.key_or_group}", _no_deletion(parsed.key_or_group))
+
+
+def _no_deletion(key: str) -> str:
+    """Why `~key` is refused and what to write instead."""
+    presets = _presets(key) if "." not in key and "/" not in key else []
+    if presets:
+        return (
+            f"a config group cannot be deleted (its schema defaults would replace it silently);"
+            f" choose a preset: {key}={'|'.join(presets)}"
+        )
+    known = _known_keys(key)
+    if key.split(".")[-1] not in known:
+        return f"unknown key; known keys here: {', '.join(known)}" if known else "unknown key"
+    if _known_keys(f"{key}.x"):  # a node of keys such as `data`
+        return f"a config node cannot be deleted; set its keys instead: {key}.KEY=VALUE"
+    return f"keys cannot be deleted (every key has a value); set one: {key}=VALUE"
 
 
 def compose_raw(overrides: Sequence[str]) -> dict[str, Any]:
@@ -168,6 +193,24 @@ def compose_config(overrides: Sequence[str]) -> Config:
             if key not in explicit:
                 raw["model"][key] = value
     return to_typed(raw, Config)
+
+
+def config_notes(cfg: Config) -> list[str]:
+    """Warnings (one line each, naming the key) about a valid config that may not be meant."""
+    notes = []
+    if cfg.train.seq_len > cfg.model.max_seq_len:
+        notes.append(
+            f"train.seq_len: {cfg.train.seq_len} is longer than model.max_seq_len="
+            f"{cfg.model.max_seq_len}, the context {cfg.model.name} was trained for; positions"
+            " beyond it are untrained (set model.max_seq_len to say this is meant)"
+        )
+    return notes
+
+
+def warn_config(cfg: Config, out: Any = None) -> None:
+    """Print each of config_notes as one `memplan: warning:` line on stderr."""
+    for note in config_notes(cfg):
+        print(f"memplan: warning: {note}", file=out or sys.stderr)
 
 
 def load_resolved(path: str) -> Config:

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from configs.errors import ConfigError
 from configs.schema import Config
-from launch.compose import compose_config
+from configs.schema.launch import sbatch_option
+from launch.compose import compose_config, warn_config
 from launch.plan_source import plan_for
 from launch.run_dir import (
     check_not_locked,
@@ -94,10 +95,23 @@ def sbatch_directives(cfg: Config, files: JobFiles) -> list[str]:
         options.append(f"--partition={job.partition}")
     if job.account:
         options.append(f"--account={job.account}")
+    if job.exclusive:  # the plan's bandwidths and host RAM are the whole node's
+        options.append("--exclusive")
     options += [f"--chdir={files.run_dir}", f"--output={files.run_dir}/slurm-%j.out"]
     # A requeued job keeps its id, appends to the same output and resumes from checkpoint.dir.
     options += ["--open-mode=append", "--requeue" if job.requeue else "--no-requeue"]
+    if job.signal_seconds:  # to the job step's processes: the workers checkpoint and requeue
+        options.append(f"--signal=USR1@{job.signal_seconds}")
+    options += [sbatch_option(entry) for entry in job.sbatch_extra]
     return [f"#SBATCH {option}" for option in options]
+
+
+def setup_lines(cfg: Config) -> str:
+    """job.setup's lines, verbatim, where the script runs them (or a comment saying none)."""
+    if not cfg.job.setup:
+        return "# (no job.setup lines)"
+    # module and activate scripts read variables that may be unset: not under `set -u`
+    return "\n".join(["set +u", *cfg.job.setup, "set -u"])
 
 
 def node_commands(cfg: Config, script: Path) -> list[str]:
@@ -126,6 +140,7 @@ def script_text(cfg: Config, plan: Plan, files: JobFiles) -> str:
         "redirects": " ".join(
             f"'{flag}'" for flag in redirect_other_local_ranks(cfg.cluster.gpus_per_node)
         ),
+        "setup": setup_lines(cfg),
     }
     if cfg.job.scheduler == "slurm":
         if _UNSAFE_IN_DIRECTIVE.search(str(files.run_dir)):
@@ -137,6 +152,7 @@ def script_text(cfg: Config, plan: Plan, files: JobFiles) -> str:
         values["sbatch_directives"] = "\n".join(sbatch_directives(cfg, files))
         values["script"] = shlex.quote(str(files.script))
         values["cpus_per_task"] = cfg.job.cpus_per_task
+        values["requeue_on_signal"] = int(cfg.job.requeue)
         return render(TEMPLATES["slurm"], values)
     rdzv_id = "memplan-" + re.sub(r"[^A-Za-z0-9_.-]", "_", files.run_dir.name)
     values["rdzv_id"] = shlex.quote(rdzv_id)
@@ -152,6 +168,11 @@ def restart_notes(cfg: Config) -> list[str]:
     if not restarts:
         return []
     if cfg.checkpoint.every == 0:
+        if cfg.job.scheduler == "slurm" and cfg.job.signal_seconds:
+            return [
+                "note: checkpoint.every=0: only the checkpoint saved on SIGUSR1 before the time"
+                " limit is resumed from; after a failure or preemption the job starts at step 1"
+            ]
         return ["note: checkpoint.every=0: a restarted or requeued job starts again at step 1"]
     if cfg.checkpoint.resume == "none":
         return ["note: checkpoint.resume=none: a restarted or requeued job starts again at step 1"]
@@ -174,6 +195,7 @@ def run(args: list[str]) -> int:
     """Compose, plan, write the script with resolved.yaml and plan.json beside it; print how to
     start it (or submit it with job.submit=true)."""
     cfg = compose_config(args)
+    warn_config(cfg)
     if cfg.job.submit and shutil.which("sbatch") is None:
         raise ConfigError("job.submit", _NO_SBATCH)  # before planning: fail fast
     files = job_files(cfg)

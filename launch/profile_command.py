@@ -24,9 +24,10 @@ from rich.table import Table
 
 from configs.errors import ConfigError
 from configs.schema import Config
+from configs.tokens import check_training_tokens
 from framework.measure.report import ProfileReport, format_error, median_step_seconds
 from framework.measure.trace import TraceReport
-from launch.compose import compose_config
+from launch.compose import compose_config, warn_config
 from launch.plan_source import plan_for
 from planner.plan import LayerPlan, Plan, check_plan_matches
 from planner.units import format_bytes
@@ -39,6 +40,14 @@ def policy_label(policy: LayerPlan) -> str:
     text = f"a{policy.offload_fraction:.2f} r{policy.recompute_fraction:.2f}"
     text += f" b{policy.anchor_offload_fraction:.2f}"
     return text if policy.recompute == "none" else f"{text} {policy.recompute}"
+
+
+POLICY_LEGEND = (
+    "policy: a = offloaded and r = recomputed fraction of each layer's token-local tensors'"
+    " tokens (the rest kept); b = offloaded fraction of its anchors (layer input + attention"
+    " core); selective / full: the recompute mode (none when absent)"
+)
+"""What policy_label's codes mean, printed under the per-layer table."""
 
 
 def layer_table(report: ProfileReport) -> Table:
@@ -134,22 +143,29 @@ def print_report(report: ProfileReport, plan: Plan, console: Console) -> None:
     for note in setup.notes:
         console.print(f"  {note}", highlight=False)
     console.print(layer_table(report))
+    console.print(POLICY_LEGEND, highlight=False)
     for line in summary_lines(report):
         console.print(line, highlight=False)
 
 
 def trace_table(report: TraceReport) -> Table:
-    """Traced peak per phase of the step against the plan's peak."""
+    """Traced peak per phase of the step against the plan's peak, and against the planner's
+    prediction for the phases that can hold the peak ("-": not predicted)."""
     table = Table(title="traced peak per phase of step 2 (device bytes)", title_justify="left")
     table.add_column("phase")
     table.add_column("traced peak", justify="right")
     table.add_column("vs predicted peak", justify="right")
+    table.add_column("predicted phase", justify="right")
+    table.add_column("error", justify="right")
     for phase in report.phases:
         marker = " <- peak" if phase.name == report.peak_phase else ""
+        predicted = phase.predicted_peak_bytes
         table.add_row(
             phase.name + marker,
             format_bytes(phase.traced_peak_bytes),
             format_error(phase.traced_peak_bytes, report.predicted_peak_bytes),
+            format_bytes(predicted) if predicted else "-",
+            format_error(phase.traced_peak_bytes, predicted) if predicted else "-",
         )
     return table
 
@@ -213,6 +229,7 @@ def write_json(cfg: Config, payload: dict, console: Console) -> None:
 def run_trace(cfg: Config, plan: Plan, console: Console) -> int:
     """profile.mode=trace: one traced step; an untraceable layout is one line, exit 0."""
     from framework.measure.trace import trace_plan, untraced_reason
+    from planner.memory import predict_phase_peaks as phase_peaks
 
     check_plan_matches(plan, cfg.model, cfg.cluster, cfg.train)
     reason = untraced_reason(plan)
@@ -222,7 +239,7 @@ def run_trace(cfg: Config, plan: Plan, console: Console) -> int:
             write_json(cfg, {"traced": False, "reason": reason}, console)
         return 0
     try:
-        report = trace_plan(cfg.model, cfg.train, plan)
+        report = trace_plan(cfg.model, cfg.train, plan, predicted_phases=phase_peaks(plan, cfg))
     except ConfigError:
         raise
     except Exception as exc:  # a piece that cannot run under fake tensors: say which, go on
@@ -246,6 +263,9 @@ def run(args: list[str]) -> int:
     from framework.measure.profile import profile_setup, run_profile
 
     cfg = compose_config(args)
+    warn_config(cfg)
+    if cfg.data.path is not None:  # profile steps draw random tokens, but a bad path is bad input
+        check_training_tokens(cfg.data, cfg.train.seq_len, cfg.model.vocab_size)
     plan = plan_for(cfg)  # plan.path checked as for train, or the planner's plan
     if cfg.profile.mode == "trace":
         console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=False)

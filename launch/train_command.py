@@ -33,7 +33,7 @@ from typing import IO
 from configs.errors import ConfigError
 from configs.schema import ClusterConfig, Config
 from configs.tokens import check_training_tokens
-from launch.compose import compose_config
+from launch.compose import compose_config, warn_config
 from launch.plan_source import plan_for
 from launch.run_dir import (
     RunDirLock,
@@ -172,14 +172,30 @@ def worker_error(error_file: Path) -> str | None:
     return lines[0] if lines else None
 
 
-def run_torchrun(command: list[str], run_dir: Path, lock: RunDirLock) -> int:
+def threads_per_worker(nproc_per_node: int) -> int:
+    """OpenMP threads for each of a node's workers: the cores this process may use, shared."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // nproc_per_node)
+
+
+def worker_env(error_file: Path, nproc_per_node: int) -> dict[str, str]:
+    """The environment torchrun and its workers get. OMP_NUM_THREADS is the user's, else
+    threads_per_worker: unset, torchrun would set 1 itself and print a banner asking for it."""
+    env = {**os.environ, ERROR_FILE_ENV: str(error_file)}
+    env.setdefault("OMP_NUM_THREADS", str(threads_per_worker(nproc_per_node)))
+    return env
+
+
+def run_torchrun(
+    command: list[str], run_dir: Path, lock: RunDirLock, nproc_per_node: int = 1
+) -> int:
     """Run torchrun as a child and return the command's exit code: 2 with the worker's line
     on stderr when a worker stopped on bad input, else torchrun's own exit code."""
     error_file = run_dir / ERROR_FILE
     error_file.unlink(missing_ok=True)
     log_path = run_dir / "logs" / "torchrun.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, ERROR_FILE_ENV: str(error_file)}
+    env = worker_env(error_file, nproc_per_node)
     sys.stdout.flush()
     _libc()  # loaded here, not in the forked child
     with open(log_path, "ab") as log:
@@ -229,6 +245,7 @@ def run(args: list[str]) -> int:
     """Compose, check, plan, write the run directory, then run torchrun (its exit code is the
     command's). launch.dry_run=true prints the command instead."""
     cfg = compose_config(args)
+    warn_config(cfg)
     run_dir = default_run_dir(cfg).resolve()
     check_run_inputs(cfg, run_dir)  # before planning: nothing is written if these fail
     plan = plan_for(cfg, single_node=True)  # memplan train runs on this node only
@@ -239,4 +256,4 @@ def run(args: list[str]) -> int:
             print(shlex.join(command))
             return 0
         print(f"run directory: {run_dir}", flush=True)
-        return run_torchrun(command, run_dir, lock)
+        return run_torchrun(command, run_dir, lock, plan.layout.world_size)

@@ -1,6 +1,7 @@
 """Entry point of every torchrun worker: `python -m launch.worker RUN_DIR`.
 
-Each rank writes its lines to RUN_DIR/logs/rank<R>.log; rank 0 also prints them.
+Each rank writes its lines to RUN_DIR/logs/rank<R>.log; rank 0 also prints them, except other
+libraries' info and warnings (logging.console=memplan, the default: framework/components/logs.py).
 
 Workers load RUN_DIR/resolved.yaml and RUN_DIR/plan.json written by the launcher; they never
 run Hydra (so ranks do not race on Hydra output directories).
@@ -12,20 +13,27 @@ prints that line instead of torchrun's traceback), else on the console.
 torchrun starts each worker in a session of its own, so a signal to the launcher's process
 group never reaches it: under torchrun the worker asks the kernel for SIGKILL when torchrun
 dies (PR_SET_PDEATHSIG), so a killed launcher or agent never leaves a worker training.
+
+SIGUSR1 (SLURM's --signal before the time limit, from the script `memplan job` writes) stops
+training after the step all ranks agree on, with a checkpoint (framework/components/stop.py);
+rank 0 then requeues the SLURM job (`scontrol requeue`, when the job's script sets
+$MEMPLAN_REQUEUE_ON_SIGNAL=1: job.requeue=true), which resumes from that checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 from configs.errors import ConfigError
 from framework.components.distributed import shutdown_distributed
-from framework.components.logs import rank, setup_logging
-from framework.trainer import train
+from framework.components.logs import rank, setup_logging, show_library_lines
+from framework.trainer import TrainResult, train
 from launch.compose import load_resolved
 from launch.train_command import ERROR_FILE_ENV, die_with_parent
 from planner.plan import Plan
@@ -75,6 +83,42 @@ def nothing_left(steps: int, start_step: int) -> str | None:
     )
 
 
+REQUEUE_ENV = "MEMPLAN_REQUEUE_ON_SIGNAL"
+"""Set to 1 by the batch script `memplan job` writes (job.requeue=true): a worker stopped by
+SIGUSR1 requeues that SLURM job. Unset (`memplan train` inside an salloc, say), it does not."""
+
+
+def after_stop(result: TrainResult, env: dict[str, str] | None = None) -> str:
+    """What a run stopped by a signal does next (rank 0): requeue its SLURM job when the job's
+    script asks for it ($MEMPLAN_REQUEUE_ON_SIGNAL=1); the line to log."""
+    env = os.environ if env is None else env
+    step = result.stopped_at
+    saved = (
+        f"checkpoint step {result.last_committed} committed"
+        if result.last_committed == step
+        else f"the checkpoint of step {step} failed (newest: {result.last_committed or 'none'})"
+    )
+    head = f"stopped by {result.stop_signal} after step {step}; {saved}"
+    job_id = env.get("SLURM_JOB_ID")
+    if not job_id:
+        return f"{head}; run the same command again to resume"
+    if env.get(REQUEUE_ENV) != "1":
+        return f"{head}; not requeued (job.requeue=false): submit the job again to resume"
+    scontrol = shutil.which("scontrol", path=env.get("PATH"))
+    if scontrol is None:
+        return f"{head}; scontrol not found: submit the job again to resume"
+    try:
+        done = subprocess.run(
+            [scontrol, "requeue", job_id], capture_output=True, text=True, timeout=120, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{head}; scontrol requeue {job_id} failed ({exc}): submit the job again"
+    if done.returncode != 0:
+        reason = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
+        return f"{head}; scontrol requeue {job_id} exited with {done.returncode}: {reason}"
+    return f"{head}; requeued SLURM job {job_id}: it resumes from there"
+
+
 def main(argv: list[str]) -> int:
     """Train the run in argv[0]; exit code 2 on bad input (one line, no traceback)."""
     if len(argv) != 1:
@@ -87,6 +131,8 @@ def main(argv: list[str]) -> int:
     setup_logging(run_dir / "logs" / f"rank{rank()}.log")
     try:
         cfg = load_resolved(str(run_dir / "resolved.yaml"))
+        if cfg.logging.console == "all":
+            show_library_lines()
         plan = Plan.read(run_dir / "plan.json")
         result = train(cfg, plan, run_dir)
     except ConfigError as exc:  # the same input on every rank: every rank stops here
@@ -96,6 +142,8 @@ def main(argv: list[str]) -> int:
     done = nothing_left(cfg.train.steps, result.start_step)
     if done and rank() == 0:
         logger.info(done)
+    if result.stopped_at is not None and rank() == 0:
+        logger.info(after_stop(result))
     # Only after success: a rank that failed must not wait in a collective teardown for
     # peers that may still be inside a collective (torchrun stops them when this one exits).
     shutdown_distributed()

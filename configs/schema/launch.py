@@ -14,6 +14,41 @@ _SLURM_WORD = re.compile(r"^[A-Za-z0-9_.,+-]+$")
 _HOST = re.compile(r"^[A-Za-z0-9_.:\[\]-]+$")
 
 
+MANAGED_SBATCH_OPTIONS = {
+    "--nodes": "cluster.num_nodes",
+    "-N": "cluster.num_nodes",
+    "--ntasks-per-node": "the script (one torchrun per node)",
+    "--ntasks": "the script (one torchrun per node)",
+    "-n": "the script (one torchrun per node)",
+    "--chdir": "job.out (the run directory)",
+    "-D": "job.out (the run directory)",
+    "--output": "job.out (the run directory)",
+    "-o": "job.out (the run directory)",
+    "--signal": "job.signal_seconds",
+    "--time": "job.time",
+    "-t": "job.time",
+}
+"""#SBATCH options the script sets from the plan and the job.* keys: refused in
+job.sbatch_extra, with the key that sets each."""
+
+
+def sbatch_option(entry: str) -> str:
+    """The option of a job.sbatch_extra entry without a leading '#SBATCH '."""
+    return entry.strip().removeprefix("#SBATCH").strip()
+
+
+def check_sbatch_option(key: str, entry: str) -> None:
+    """One `#SBATCH` option: starts with '-', one line, not one memplan sets."""
+    option = sbatch_option(entry)
+    if not option.startswith("-") or "\n" in option or "\r" in option:
+        raise ConfigError(key, f"{entry!r} is not one #SBATCH option (e.g. --mem=0)")
+    name = re.split(r"[=\s]", option, maxsplit=1)[0]
+    if len(name) > 2 and not name.startswith("--"):  # -N4 reads as -N
+        name = name[:2]
+    if name in MANAGED_SBATCH_OPTIONS:
+        raise ConfigError(key, f"{name} is set from {MANAGED_SBATCH_OPTIONS[name]}; not here")
+
+
 @dataclass(frozen=True)
 class JobConfig:
     """`memplan job`: a cluster batch script, with the run's resolved.yaml and plan.json beside
@@ -45,6 +80,20 @@ class JobConfig:
     head_addr: str | None = None
     """torchrun scheduler: host name or address of node 0 that every node can reach; unset,
     each node's command reads it from $HEAD_ADDR."""
+    exclusive: bool = True
+    """SLURM --exclusive: the nodes are this job's alone (no other job shares their GPUs,
+    CPUs, host memory or network), as the plan's bandwidths and host RAM assume."""
+    signal_seconds: int = 120
+    """SLURM --signal=USR1@N: N seconds before the time limit (SLURM may be up to 60 s early)
+    the workers get SIGUSR1, save a checkpoint after the step they are in, stop, and requeue
+    the job (job.requeue) so that it resumes; 0 sends no signal."""
+    sbatch_extra: tuple[str, ...] = ()
+    """More `#SBATCH` options, one per entry, each quoted (they hold '='):
+    job.sbatch_extra='["--mem=0","--constraint=h100"]' (a leading "#SBATCH " is optional).
+    Not the options memplan sets from the plan and the other job.* keys."""
+    setup: tuple[str, ...] = ()
+    """Shell lines run on each node before torchrun (SLURM: in the batch script, before
+    srun), e.g. job.setup='["module load cuda/12.4","source ~/venv/bin/activate"]'."""
 
     def __post_init__(self) -> None:
         check_bounds(self, "job", ("cpus_per_task",), at_least=1)
@@ -64,6 +113,12 @@ class JobConfig:
                 )
         if self.head_addr is not None and not _HOST.match(self.head_addr):
             raise ConfigError("job.head_addr", f"{self.head_addr!r} is not a host name or address")
+        check_bounds(self, "job", ("signal_seconds",), at_least=0)
+        for i, option in enumerate(self.sbatch_extra):
+            check_sbatch_option(f"job.sbatch_extra[{i}]", option)
+        for i, line in enumerate(self.setup):
+            if "\n" in line or "\r" in line or not line.strip():
+                raise ConfigError(f"job.setup[{i}]", f"must be one non-empty line, got {line!r}")
         if self.submit and self.scheduler != "slurm":
             raise ConfigError(
                 "job.submit",

@@ -18,6 +18,10 @@ class LoggingConfig:
     """offline never touches the network; runs can be synced later with `wandb sync`."""
     wandb_project: str = "memplan"
     """wandb project name."""
+    console: Literal["memplan", "all"] = "memplan"
+    """What rank 0 prints: memplan = its own lines and every error; all = also other
+    libraries' info and warnings (DeepSpeed's op-builder probes, torch's deprecation
+    warnings). The rank logs (RUN_DIR/logs/rank<R>.log) get every line either way."""
 
     def __post_init__(self) -> None:
         check_bounds(self, "logging", ("every",), at_least=1)

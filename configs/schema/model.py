@@ -31,7 +31,9 @@ class ModelConfig:
     head_dim: int | None = None
     """Per-head width; None means hidden_size // num_heads."""
     max_seq_len: int = 4096
-    """Longest sequence the preset was trained for (informational; longer runs are allowed)."""
+    """Longest sequence the preset was trained for; a longer train.seq_len is allowed (memory
+    plans at 1M tokens) with a one-line warning, which setting this key to the length meant
+    silences."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
     rope_scaling: Literal["none", "llama3"] = "none"
@@ -57,7 +59,21 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         sizes = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads")
-        check_bounds(self, "model", (*sizes, "ffn_size", "max_seq_len"), at_least=1)
+        lengths = ("max_seq_len", "rope_original_max_positions")
+        check_bounds(self, "model", (*sizes, "ffn_size", *lengths), at_least=1)
+        rope = ("rope_theta", "rope_scaling_factor", "rope_low_freq_factor")
+        check_bounds(self, "model", (*rope, "rope_high_freq_factor", "norm_eps"), above=0)
+        check_bounds(self, "model", ("init_std",), at_least=0)
+        if (
+            self.rope_scaling == "llama3"
+            and self.rope_high_freq_factor <= self.rope_low_freq_factor
+        ):
+            # the blend between the two wavelengths divides by their difference
+            raise ConfigError(
+                "model.rope_high_freq_factor",
+                f"must be > model.rope_low_freq_factor={self.rope_low_freq_factor:g} for llama3"
+                f" scaling, got {self.rope_high_freq_factor:g}",
+            )
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 "model.num_kv_heads",

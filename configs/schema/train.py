@@ -44,8 +44,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         counts = ("seq_len", "global_batch_size", "micro_batch_size", "steps", "loss_chunk_tokens")
         check_bounds(self, "train", counts, at_least=1)  # micro_batch_size may be null
-        check_bounds(self, "train", ("warmup_steps", "grad_clip"), at_least=0)
+        check_bounds(self, "train", ("seed", "warmup_steps", "grad_clip"), at_least=0)
+        check_bounds(self, "train", ("weight_decay",), at_least=0)
+        check_bounds(self, "train", ("lr", "adam_eps"), above=0)
         check_bounds(self, "train", ("min_lr_ratio",), at_least=0, at_most=1)
+        check_bounds(self, "train", ("beta1", "beta2"), at_least=0, below=1)  # Adam diverges at 1
 
 
 @dataclass(frozen=True)

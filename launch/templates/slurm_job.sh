@@ -20,9 +20,17 @@ MAX_RESTARTS={{max_restarts}}
 CHECKPOINT_DIR={{checkpoint_dir}}
 # torchrun of the Python environment that wrote this job (memplan and torch are installed there)
 TORCHRUN=({{torchrun}})
+# A worker stopped by SIGUSR1 (#SBATCH --signal) requeues this job when 1 (job.requeue)
+export MEMPLAN_REQUEUE_ON_SIGNAL={{requeue_on_signal}}
+# OpenMP threads per worker: the task's CPUs shared by the node's workers, unless already set
+# (unset, torchrun sets 1 and prints a banner about it)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( {{cpus_per_task}} / NPROC_PER_NODE > 0 ? {{cpus_per_task}} / NPROC_PER_NODE : 1 ))}
 # Local rank 0 prints to this output unprefixed (metrics lines start with `step N | loss`);
 # the raw streams of the other local ranks go to files under RUN_DIR/logs.
 REDIRECTS=({{redirects}})
+
+# job.setup: run before srun (its environment reaches every task)
+{{setup}}
 
 : "${SLURM_JOB_ID:?not inside a SLURM job: submit this script with sbatch}"
 : "${SLURM_JOB_NODELIST:?not inside a SLURM job: submit this script with sbatch}"
@@ -42,7 +50,11 @@ echo "memplan job $SLURM_JOB_ID: run directory $RUN_DIR, checkpoints in $CHECKPO
 # Every rank's lines: RUN_DIR/logs/rank<global rank>.log; raw streams of local ranks 1..:
 # RUN_DIR/logs/<job id>_<suffix>/attempt_<n>/<local rank>/{stdout,stderr}.log
 # (one <job id>_<suffix> directory per node); this job's output shows each node's local rank 0.
+# SIGUSR1 (--signal, before the time limit) reaches every process of the step: torchrun and
+# everything else started here ignore it (an ignored signal stays ignored across exec), the
+# workers catch it, save a checkpoint after the same step, stop and requeue this job.
 srun --nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task={{cpus_per_task}} --kill-on-bad-exit=1 \
+    bash -c 'trap "" USR1; exec "$@"' memplan-node \
     "${TORCHRUN[@]}" \
     --nnodes="$NNODES" \
     --nproc-per-node="$NPROC_PER_NODE" \

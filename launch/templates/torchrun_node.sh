@@ -23,9 +23,15 @@ CHECKPOINT_DIR={{checkpoint_dir}}
 HEAD_ADDR=${HEAD_ADDR:-{{head_addr}}}
 # torchrun of the Python environment that wrote this job (memplan and torch are installed there)
 TORCHRUN=({{torchrun}})
+# OpenMP threads per worker: this node's cores shared by its workers, unless already set
+# (unset, torchrun sets 1 and prints a banner about it)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC_PER_NODE > 0 ? $(nproc) / NPROC_PER_NODE : 1 ))}
 # Local rank 0 prints to this output unprefixed (metrics lines start with `step N | loss`);
 # the raw streams of the other local ranks go to files under RUN_DIR/logs.
 REDIRECTS=({{redirects}})
+
+# job.setup: run before torchrun
+{{setup}}
 
 : "${HEAD_ADDR:?set HEAD_ADDR to an address of node 0 that every node can reach}"
 : "${NODE_RANK:?set NODE_RANK to the index of this node, 0 to $((NNODES - 1))}"

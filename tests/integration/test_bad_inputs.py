@@ -1,8 +1,9 @@
-"""Bad input to `memplan plan`, `memplan train` and `memplan job`, as a table: each row is the
-command line a user types, the exit code (2 bad input, 3 no feasible plan, 0 for a warning),
-and what the one line on stderr must name (the key or the file). No row may print a
-traceback, and a refused row writes nothing: `memplan train` rows use launch.dry_run=true
-(nothing would start anyway: each is refused before the run directory is written).
+"""Bad input to `memplan plan`, `memplan train`, `memplan profile` and `memplan job`, as a
+table: each row is the command line a user types, the exit code (2 bad input, 3 no feasible
+plan, 0 for a warning), and what the one line on stderr must name (the key or the file). No
+row may print a traceback, and a refused row writes nothing: `memplan train` rows use
+launch.dry_run=true (nothing would start anyway: each is refused before the run directory is
+written); `memplan profile` rows are refused before any step runs.
 
 Run in-process through launch.cli.main, as the console script does (a few seconds in all).
 Left out, for the planner: train.seq_len=1000000000000 (IndexError inside HiGHS) and
@@ -88,6 +89,27 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("plan", ["-m", "train.seq_len=128,abc"], 2, "train.seq_len"),
     ("plan", ["-m", "model=tiny,"], 2, "model: cannot parse"),
     ("plan", ["cluster.gpu_memory_gib=0.0001"], 3, "no feasible plan: needs"),
+    # ------------------------------------------- memplan plan: numbers, deletions, lengths
+    ("plan", ["train.lr=nan"], 2, "train.lr: must be > 0, got nan"),
+    ("plan", ["train.lr=-1"], 2, "train.lr: must be > 0, got -1.0"),
+    ("plan", ["train.lr=inf"], 2, "train.lr: must be > 0, got inf"),
+    ("plan", ["train.lr=0"], 2, "train.lr: must be > 0, got 0.0"),
+    ("plan", ["train.beta2=1"], 2, "train.beta2: must be in [0, 1), got 1.0"),
+    ("plan", ["train.adam_eps=0"], 2, "train.adam_eps: must be > 0"),
+    ("plan", ["train.weight_decay=nan"], 2, "train.weight_decay: must be >= 0, got nan"),
+    ("plan", ["train.seed=-1"], 2, "train.seed: must be >= 0"),
+    ("plan", ["model.rope_theta=0"], 2, "model.rope_theta: must be > 0"),
+    ("plan", ["model.norm_eps=-1e-5"], 2, "model.norm_eps: must be > 0"),
+    ("plan", ["model.rope_scaling=llama3", "model.rope_high_freq_factor=1"], 2,
+     "model.rope_high_freq_factor: must be > model.rope_low_freq_factor=1"),
+    ("plan", ["cluster.peak_tflops=inf"], 2, "cluster.peak_tflops: must be > 0, got inf"),
+    ("plan", ["~model"], 2, "~model: a config group cannot be deleted"),
+    ("plan", ["~cluster=cpu"], 2, "~cluster: a config group cannot be deleted"),
+    ("plan", ["~data"], 2, "~data: a config node cannot be deleted"),
+    ("plan", ["~train.lr"], 2, "~train.lr: keys cannot be deleted"),
+    ("plan", ["~train.foo"], 2, "~train.foo: unknown key"),
+    ("plan", ["train.seq_len=8192"], 0, "warning: train.seq_len: 8192 is longer than"
+     " model.max_seq_len=4096"),
     # ---------------------------------------------------------- memplan plan: output files
     ("plan", ["plan.out={d}/file/p.json"], 2, "plan.out: cannot create {d}/file/p.json: {d}/file"
      " is a file, not a directory"),
@@ -150,6 +172,13 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("train", ["plan.path={d}/micro5.json"], 2, "plan.path: {d}/micro5.json: layout:"),
     ("train", ["plan.path={d}/budget.json"], 2, "plan.path: {d}/budget.json budgets"),
     ("train", ["train.seq_len=1,2"], 2, "train.seq_len: 1,2 is a sweep"),
+    ("train", ["~model"], 2, "~model: a config group cannot be deleted"),
+    ("train", ["train.lr=nan"], 2, "train.lr: must be > 0, got nan"),
+    # --------------------------------------------------------------------- memplan profile
+    ("profile", ["data.path={d}/absent.bin"], 2, "data.path: no such token file"),
+    ("profile", ["data.path={d}/big_ids.bin"], 2, "data.path: {d}/big_ids.bin holds token id"),
+    ("profile", ["data.path={d}/short.bin"], 2, "data.path: {d}/short.bin holds 3 tokens"),
+    ("profile", ["~model"], 2, "~model: a config group cannot be deleted"),
     # ------------------------------------------------------------------------ memplan job
     ("job", ["job.scheduler=pbs"], 2, "job.scheduler"),
     ("job", ["job.time=tomorrow"], 2, "job.time: 'tomorrow' is not a SLURM time"),

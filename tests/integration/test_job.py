@@ -164,6 +164,7 @@ def test_slurm_script_starts_torchrun_with_a_rendezvous_on_the_first_node(tmp_pa
     assert calls(tmp_path) == [
         "scontrol show hostnames node-a,node-b",
         "srun --nodes=2 --ntasks-per-node=1 --cpus-per-task=16 --kill-on-bad-exit=1 "
+        'bash -c trap "" USR1; exec "$@" memplan-node '  # torchrun ignores SIGUSR1
         f"{bin_dir / 'fake_torchrun'} --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d "
         f"--rdzv-endpoint=node-a:29555 --rdzv-id=4242 --max-restarts=3 "
         f"--log-dir={run_dir}/logs --redirects=1:3,2:3,3:3,4:3,5:3,6:3,7:3 -m launch.worker "

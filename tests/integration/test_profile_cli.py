@@ -57,6 +57,8 @@ def test_table_and_json_report_every_layer(plan_path, tmp_path):
     rows = [match for line in lines if (match := ROW.match(line))]
     assert [int(row.group(1)) for row in rows] == [0, 1, 2, 3]
     assert rows[1].group(2) == "a0.00 r0.50 b1.00 selective"
+    legend = next(line for line in lines if line.startswith("policy: "))
+    assert "a = offloaded" in legend and "r = recomputed" in legend and "b = offloaded" in legend
     for row in rows:
         errors = [cell.strip() for cell in row.group(3).split("│")][2::3]
         assert all(error in ("+0.00%", "-") for error in errors), row.group(0)

@@ -166,6 +166,33 @@ def test_bad_input_is_exit_2_and_one_line(tmp_path, two_rank_plan, odd_token_fil
 
 
 @pytest.mark.integration
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_the_console_is_quiet_and_the_rank_logs_hold_everything(tmp_path):
+    """Two DeepSpeed ranks: no torchrun OMP banner, no DeepSpeed probe or accelerator lines,
+    no per-step FutureWarnings on the console; rank 0's log has every console line, and each
+    distinct Python warning once."""
+    cluster = ["cluster.gpus_per_node=2"]
+    plan = write_plan(
+        tmp_path / "plan.json", [*TINY, *cluster], dp=2, zero_stage=3, zero_backend="deepspeed"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    done = memplan(
+        "train", *TINY, *cluster, f"plan.path={plan}", f"launch.run_dir={tmp_path / 'r'}", env=env
+    )
+    console = done.stdout + done.stderr
+    assert done.returncode == 0, console[-3000:]
+    assert sorted(losses(done.stdout)) == [1, 2, 3]
+    for noise in ("OMP_NUM_THREADS", "Warning", "gcc ", "[WARNING]", "accelerator"):
+        assert noise not in console, console[-3000:]
+    (rank0, _) = rank_logs(tmp_path / "r", 2)
+    log = rank0.read_text().splitlines()
+    assert set(done.stdout.splitlines()[1:]) <= set(log)  # all but "run directory: ..."
+    warned = [line for line in log if "Warning: " in line]
+    assert len(warned) == len(set(warned))
+
+
+@pytest.mark.integration
 def test_without_plan_path_train_and_job_plan_for_the_cluster(tmp_path):
     overrides = [*TINY, "cluster.gpus_per_node=2"]
     dry = memplan("train", *overrides, "launch.dry_run=true", f"launch.run_dir={tmp_path / 'a'}")

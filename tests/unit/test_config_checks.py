@@ -47,6 +47,13 @@ def test_interval_bounds_read_as_intervals():
     assert _message(Sizes(rate=float("nan")), "rate", at_least=0).endswith("got nan")
 
 
+def test_infinities_are_out_of_every_bound_and_huge_integers_are_compared_exactly():
+    assert _message(Sizes(rate=float("inf")), "rate", above=0) == "demo.rate: must be > 0, got inf"
+    assert _message(Sizes(rate=float("-inf")), "rate", at_most=1).endswith("got -inf")
+    check_bounds(Sizes(count=10**400), "demo", ("count",), at_least=1)  # no float overflow
+    assert _message(Sizes(count=10**400), "count", at_most=10).startswith("demo.count: must be <=")
+
+
 def test_the_first_failing_field_is_named():
     assert _message(Sizes(count=5, rate=-1.0), "count", "rate", at_least=0).startswith("demo.rate:")
 
@@ -93,6 +100,10 @@ COMPOSED = {
     "planner.mip_gap=1": "planner.mip_gap: must be in [0, 1), got 1.0",
     "planner.network_efficiency=1.5": "planner.network_efficiency: must be in (0, 1], got 1.5",
     "train.micro_batch_size=0": "train.micro_batch_size: must be >= 1 or null, got 0",
+    "train.lr=nan": "train.lr: must be > 0, got nan",
+    "train.beta1=-0.1": "train.beta1: must be in [0, 1), got -0.1",
+    "model.init_std=-1": "model.init_std: must be >= 0, got -1.0",
+    "model.rope_original_max_positions=0": "model.rope_original_max_positions: must be >= 1, got 0",
 }
 """Overrides the schemas refuse through check_bounds, and the one line the user reads."""
 

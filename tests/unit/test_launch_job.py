@@ -64,11 +64,68 @@ def test_sbatch_directives_for_a_gpu_cluster(tmp_path):
         "#SBATCH --time=2-00:00:00",
         "#SBATCH --partition=gpu",
         "#SBATCH --account=proj-42",
+        "#SBATCH --exclusive",
         f"#SBATCH --chdir={tmp_path}",
         f"#SBATCH --output={tmp_path}/slurm-%j.out",
         "#SBATCH --open-mode=append",
         "#SBATCH --requeue",
+        "#SBATCH --signal=USR1@120",
     ]
+
+
+def test_extra_sbatch_lines_exclusive_and_signal_follow_the_job_keys(tmp_path):
+    cfg = _cfg(
+        'job.sbatch_extra=["--mem=0","#SBATCH --constraint=h100","--qos=high"]',
+        "job.exclusive=false",
+        "job.signal_seconds=300",
+    )
+    lines = _directives(cfg, tmp_path)
+    assert lines[-4:] == [
+        "#SBATCH --signal=USR1@300",
+        "#SBATCH --mem=0",
+        "#SBATCH --constraint=h100",
+        "#SBATCH --qos=high",
+    ]
+    assert "#SBATCH --exclusive" not in lines
+    quiet = _directives(_cfg("job.signal_seconds=0"), tmp_path)
+    assert not [line for line in quiet if "--signal" in line]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ('["--nodes=8"]', "job.sbatch_extra[0]: --nodes is set from cluster.num_nodes"),
+        ('["--mem=0","-N8"]', "job.sbatch_extra[1]: -N is set from cluster.num_nodes"),
+        ('["--time=1:00:00"]', "--time is set from job.time"),
+        ('["--signal=B:USR1@60"]', "--signal is set from job.signal_seconds"),
+        ('["--output=x.out"]', "--output is set from job.out"),
+        ('["mem=0"]', "'mem=0' is not one #SBATCH option"),
+    ],
+)
+def test_extra_sbatch_lines_that_would_break_the_job_are_refused(extra, message):
+    with pytest.raises(ConfigError) as err:
+        _cfg(f"job.sbatch_extra={extra}")
+    assert message in str(err.value)
+
+
+def test_setup_lines_run_before_srun_outside_set_u(tmp_path):
+    cfg = _cfg('job.setup=["module load cuda/12.4","source /opt/venv/bin/activate"]')
+    text = script_text(cfg, manual_plan(cfg), JobFiles(tmp_path / "job.sh", tmp_path))
+    block = "set +u\nmodule load cuda/12.4\nsource /opt/venv/bin/activate\nset -u\n"
+    assert block in text
+    assert text.index(block) < text.index("\nsrun ") < text.index("-m launch.worker")
+    assert "export MEMPLAN_REQUEUE_ON_SIGNAL=1\n" in text  # job.requeue=true
+    no_requeue = _cfg("job.requeue=false")
+    assert "export MEMPLAN_REQUEUE_ON_SIGNAL=0\n" in script_text(
+        no_requeue, manual_plan(no_requeue), JobFiles(tmp_path / "job.sh", tmp_path)
+    )
+    # torchrun itself ignores SIGUSR1 (it would end the agent); the workers catch it
+    assert 'bash -c \'trap "" USR1; exec "$@"\' memplan-node' in text
+    node = _cfg('job.setup=["module load cuda/12.4"]', "job.scheduler=torchrun")
+    text = script_text(node, manual_plan(node), JobFiles(tmp_path / "job.sh", tmp_path))
+    assert text.index("module load cuda/12.4") < text.index('exec "${TORCHRUN[@]}"')
+    with pytest.raises(ConfigError, match=r"^job.setup\[0\]: must be one non-empty line"):
+        _cfg('job.setup=[""]')
 
 
 def test_sbatch_directives_for_cpu_nodes_without_partition(tmp_path):
@@ -149,6 +206,8 @@ def test_node_commands_with_and_without_a_head_address(tmp_path):
 
 def test_restart_notes_follow_the_checkpoint_settings():
     assert "checkpoint.every=0" in restart_notes(_cfg())[0]  # requeue on, no checkpoints
+    assert "saved on SIGUSR1" in restart_notes(_cfg())[0]
+    assert "starts again at step 1" in restart_notes(_cfg("job.signal_seconds=0"))[0]
     assert restart_notes(_cfg("job.requeue=false")) == []
     assert restart_notes(_cfg("checkpoint.every=50")) == []
     resume_none = restart_notes(_cfg("checkpoint.every=50", "checkpoint.resume=none"))

@@ -27,8 +27,10 @@ from launch.train_command import (
     check_single_node,
     die_with_parent,
     run_torchrun,
+    threads_per_worker,
     torchrun_command,
     torchrun_prefix,
+    worker_env,
 )
 from planner.plan import Plan
 from tests.plans import manual_plan
@@ -47,6 +49,17 @@ def test_torchrun_command_runs_every_rank_here_and_shows_rank_0(tmp_path):
         "launch.worker",
         str(tmp_path),
     ]
+
+
+def test_workers_get_omp_threads_unless_the_user_set_them(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    env = worker_env(tmp_path / ERROR_FILE, nproc_per_node=2)
+    assert env["OMP_NUM_THREADS"] == str(max(1, cores // 2))  # torchrun then prints no banner
+    assert env[ERROR_FILE_ENV] == str(tmp_path / ERROR_FILE)
+    assert threads_per_worker(10 * cores) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    assert worker_env(tmp_path / ERROR_FILE, nproc_per_node=2)["OMP_NUM_THREADS"] == "7"
 
 
 def test_torchrun_is_the_one_of_this_python():

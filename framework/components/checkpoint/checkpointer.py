@@ -49,7 +49,7 @@ from framework.components.checkpoint.storage import (
     remove_stale_tmp_dirs,
     verify_files,
 )
-from planner.units import GIB
+from planner.units import format_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -238,12 +238,11 @@ class Checkpointer:
         if outcome.path is not None:
             self.last_committed = outcome.step
             if self.rank == 0:
-                gib = outcome.details.get("num_bytes", 0) / GIB
                 logger.info(
-                    "checkpoint step %d committed in %.2f s (%.2f GiB on rank 0): %s",
+                    "checkpoint step %d committed in %.2f s (%s on rank 0): %s",
                     outcome.step,
                     outcome.seconds,
-                    gib,
+                    format_bytes(outcome.details.get("num_bytes", 0)),
                     outcome.path,
                 )
         else:
