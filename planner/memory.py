@@ -164,9 +164,8 @@ def predict_stage_memory(plan: Plan, cfg: Config) -> list[PipelineRankMemory]:
         grads_pending = 0.0
         if costs.grads_follow_backward:  # pp = 1: one rank, one stage, one micro-batch
             constant = costs.stage_constant_bytes(0, stages.num_stages)
-            act, grads_live, transient = _peak_as_gradients_arrive(
-                costs, mine, per_layer, constant, rematerialised, buffers
-            )
+            instants = backward_instants(costs, mine, per_layer, constant, rematerialised, buffers)
+            act, grads_live, transient = max((i[1:] for i in instants), key=sum)
             grads_pending = max(0.0, states.grads - grads_live)
         else:
             layer_phase = costs.layer_backward_bound_bytes
@@ -211,20 +210,6 @@ def predict_stage_memory(plan: Plan, cfg: Config) -> list[PipelineRankMemory]:
             )
         )
     return result
-
-
-def _peak_as_gradients_arrive(
-    costs: LayoutCosts,
-    layers: list[LayerPlan],
-    per_layer: list[LayerActivationBytes],
-    constant: float,
-    rematerialised: list[float],
-    root: float,
-) -> tuple[float, float, float]:
-    """(activations, gradients, transient) live at the peak of a step whose gradients appear
-    during its one backward (backward_instants)."""
-    instants = backward_instants(costs, layers, per_layer, constant, rematerialised, root)
-    return max((instant[1:] for instant in instants), key=sum)
 
 
 def backward_instants(

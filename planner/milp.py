@@ -382,7 +382,7 @@ class LayoutMilp:
         budget: float,
     ) -> None:
         """The GPU rows of a step whose gradients follow its one backward (planner/memory.py's
-        _peak_as_gradients_arrive gives the exact instants these rows bound)."""
+        backward_instants gives the exact instants these rows bound)."""
         costs, n, L = self.costs, self.mode_layers, self.num_layers
         # [Constraint] GPU peak of a step whose gradients follow its backward:
         # One micro-batch, no pipeline (one rank, one stage): gradients appear during

@@ -137,8 +137,9 @@ CASES = [
     # kv heads per tp rank (1) < sp (2): Ulysses replicates kv heads; FSDP x TP is 2-D
     Case("tp2_sp2_zero3", 4, {"tp": 2, "sp": 2, "zero_stage": 3}, micro_batch_size=4, cli=False),
     Case("sp4", 4, {"sp": 4}, micro_batch_size=8, cli=False),
-    # the planner's own per-layer mixes (offload, token-wise and selective recompute) under
-    # the layouts it picks when memory is tight (10-12 MB devices, offload on, degrees pinned)
+    # the planner's own per-layer policies under the layouts it picks when memory is tight
+    # (10-12 MB devices, offload on, degrees pinned): offload, and on the pipelined ones
+    # offload mixed with token-wise or selective recompute
     Case("planned_dp2", 2, {}, (*PLANNED, "cluster.gpu_memory_gib=0.011", "planner.dp=2"),
          policy="planner", cli=False),
     Case("planned_sp2", 2, {}, (*PLANNED, "cluster.gpu_memory_gib=0.0105", "planner.sp=2"),
@@ -146,7 +147,7 @@ CASES = [
     Case("planned_pp2", 2, {}, (*PLANNED, "cluster.gpu_memory_gib=0.012", "planner.pp=2"),
          policy="planner", cli=False),
     Case("planned_dp2_pp2", 4, {},
-         (*PLANNED, "cluster.gpu_memory_gib=0.012", "planner.dp=2", "planner.pp=2"),
+         (*PLANNED, "cluster.gpu_memory_gib=0.011", "planner.dp=2", "planner.pp=2"),
          policy="planner", cli=False),
     # one rank under torchrun: FSDP2 and DeepSpeed (what a single-GPU benchmark runs)
     Case("dp1_zero3_fsdp2", 1, {"zero_stage": 3}, micro_batch_size=4),

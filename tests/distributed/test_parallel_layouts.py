@@ -92,8 +92,10 @@ PLANNED = [c for c in CASES if c.policy == "planner"]
 @pytest.mark.parametrize("case", PLANNED, ids=[c.name for c in PLANNED])
 def test_planner_chosen_policies_match_one_process(case: Case, results) -> None:
     layers = case.plan().layers
-    assert any(layer.offload_fraction or layer.anchor_offload_fraction for layer in layers)
-    assert any(layer.recompute != "none" or layer.recompute_fraction for layer in layers)
+    offloads = any(layer.offload_fraction or layer.anchor_offload_fraction for layer in layers)
+    recomputes = any(layer.recompute != "none" or layer.recompute_fraction for layer in layers)
+    # the budgets make the planner choose a policy; the pipelined ones mix both
+    assert offloads and (recomputes or "planner.pp=2" not in case.overrides), layers
     found, logs = results
     assert not problems(case, found.get(case.name), logs[case.world])
 
