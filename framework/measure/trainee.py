@@ -9,7 +9,7 @@ Policies (POLICIES):
     save_on_cpu  torch.autograd.graph.save_on_cpu: every saved tensor goes to host memory
                  (pinned on CUDA) and comes back when backward needs it
     plan         memplan: a plan for a cluster that describes this device, applied with
-                 offload.apply_activation_plan (host slabs reserved from the plan up front)
+                 offload.apply_layer_policies (host slabs reserved from the plan up front)
 
 The model is built as `memplan profile` builds it (framework/measure/setup.py) and each step
 is the runtime's train step (framework/measure/stage_step.py: framework/runtime/step.py's
@@ -43,7 +43,7 @@ from framework.runtime.base import StepOutput
 from offload import (
     ActivationRuntime,
     HostBufferPool,
-    apply_activation_plan,
+    apply_layer_policies,
     reserve_plan_host_memory,
 )
 from planner.costs import training_dtype
@@ -54,7 +54,7 @@ POLICY_NOTES = {
     "none": "no recomputation: every saved activation stays on the device",
     "full": "torch.utils.checkpoint (non-reentrant) around every decoder layer",
     "save_on_cpu": "torch.autograd.graph.save_on_cpu: every saved tensor on the host",
-    "plan": "memplan: make_plan for this device, offload.apply_activation_plan",
+    "plan": "memplan: make_plan for this device, offload.apply_layer_policies",
 }
 
 
@@ -149,7 +149,9 @@ class Trainee:
                 if self.device.type == "cuda"
                 else HostTaggedPool(self.tracker)
             )
-            self.runtime = apply_activation_plan(layers, plan.layers, self.pool)
+            # as the trainer's runtime applies it: keep-all layers get no engine (no hooks)
+            self.runtime = ActivationRuntime(self.pool)
+            apply_layer_policies(layers, plan.layers, self.runtime)
             # one slab per layer, allocated now: the loop never allocates host memory
             slabs = {int(layer.layer_index): 1 for layer in layers}
             reserve_plan_host_memory(self.runtime, self.device, cfg.model, plan, slabs)
