@@ -71,29 +71,13 @@ def allowed(name: str, costs: LayoutCosts) -> bool:
     return True
 
 
-def baselines(
-    cfg: Config, layouts: list[tuple[Layout, LayoutCosts]], solver: SolverInfo
+def fitting_baselines(
+    cfg: Config, layout: Layout, costs: LayoutCosts, solver: SolverInfo
 ) -> Iterator[Baseline]:
-    """Every allowed baseline on every given layout, evaluated exactly."""
-    for layout, costs in layouts:
-        for name in BASELINES:
-            if allowed(name, costs):
-                layers = baseline_layers(name, layout, cfg.model.num_layers)
-                yield Baseline(name, build_plan(cfg, layout, layers, solver))
-
-
-def fastest_fitting(
-    cfg: Config,
-    layouts: list[tuple[Layout, LayoutCosts]],
-    solver: SolverInfo,
-    faster_than: float | None = None,
-) -> Baseline | None:
-    """The fastest baseline that fits (and is faster than `faster_than` seconds per step)."""
-    best: Baseline | None = None
-    for found in baselines(cfg, layouts, solver):
-        step = found.plan.time.step_seconds
-        if not found.fits or (faster_than is not None and step >= faster_than):
-            continue
-        if best is None or step < best.plan.time.step_seconds:
-            best = found
-    return best
+    """Every allowed baseline on `layout`, evaluated exactly, that fits its budgets."""
+    for name in BASELINES:
+        if allowed(name, costs):
+            layers = baseline_layers(name, layout, cfg.model.num_layers)
+            found = Baseline(name, build_plan(cfg, layout, layers, solver))
+            if found.fits:
+                yield found

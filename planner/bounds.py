@@ -97,22 +97,20 @@ def bounds(costs: LayoutCosts, num_layers: int) -> Bounds:
         rank_extras[stage_rank(c, pp, lay.pp_schedule)] += costs.stage_extra_params(c, S)
     busiest = _min_max_load(rank_extras, costs.layer_params, L, lay.virtual_stages)
     states = costs.state_bytes_per_param * busiest
-    # the SwiGLU-backward instant of a layer with its activations (kept or recomputed); on
-    # one stage the model's last layer, beside the gathered root and no layer's gradients
+    # the SwiGLU-backward instant of a layer with its activations (kept or recomputed),
+    # beside the gathered root on one stage; ZeRO-2 under FSDP2 keeps a rank's layers
+    # gathered from their forward to their backward
     working = min(costs.layer_backward_bytes(True), costs.layer_backward_bytes(False))
-    # ZeRO-2 under FSDP2: a rank's layers stay gathered from their forward to their backward
     gathered = costs.gathered_layer_bytes * L / pp if lay.zero_stage == 2 else 0.0
-    memory = states + working + costs.full_layer_bytes + gathered
-    if pp == 1:
-        root = costs.gathered_root_bytes([0], 1)
-        per = costs.grads_bytes_per_param
+    root = costs.gathered_root_bytes([0], 1) if pp == 1 else 0.0
+    instants = [(0, working + gathered)]  # (gradients not yet produced, working set)
+    if pp == 1 and costs.grads_follow_backward:  # instants every plan reaches
         one = costs.gathered_layer_bytes if lay.zero_stage == 2 else 0.0
-        instants = [  # (gradients not yet produced, working set) of instants every plan has
+        instants = [
             (psi - last.params, costs.layer_backward_bytes(True) + gathered),  # the last layer
             (first.params + costs.layer_params, costs.layer_backward_bytes(False) + one),
         ]
-        if not costs.grads_follow_backward:  # every gradient is held through the step
-            instants = [(0, working + gathered)]
-        memory = states + root + costs.full_layer_bytes
-        memory += max(working_set - per * pending for pending, working_set in instants)
+    per = costs.grads_bytes_per_param
+    memory = states + root + costs.full_layer_bytes
+    memory += max(working_set - per * pending for pending, working_set in instants)
     return Bounds(step + tail / pp, memory, stage_max, rank_max, residue_max)

@@ -277,30 +277,14 @@ class LayoutCosts:
 
     def model_states(self, num_params: int, sizes: list[int] | None = None) -> ModelStateBytes:
         """Model states of `num_params` parameters held by one GPU of this layout, as its
-        backend allocates them (planner/params.py); `sizes`: those parameters tensor by
-        tensor, for torch's ZeRO-1, which gives each tensor whole to one owner."""
+        backend allocates them (backend_states); `sizes`: those parameters tensor by tensor,
+        for torch's ZeRO-1, which gives each tensor whole to one owner."""
+        states = backend_states(self.layout, self.dtype, num_params)
         shard = self.layout.dp * self.layout.sp
-        if self.fsdp2_units:
-            return fsdp2_state_bytes(num_params, shard)
-        if self.deepspeed_estimated:
-            return deepspeed_state_bytes(num_params, shard, self.layout.zero_stage)
-        states = model_state_bytes(num_params, shard, self.layout.zero_stage, self.dtype)
-        if self.owner_partitioned and sizes is not None and shard > 1:
+        if owner_partitioned(self.layout) and sizes is not None and shard > 1:
             busiest = owner_partition_max(sizes, shard)
-            optimizer = self.states_per_param.optimizer * busiest
-            return dataclasses.replace(states, optimizer=optimizer)
+            return dataclasses.replace(states, optimizer=self.states_per_param.optimizer * busiest)
         return states
-
-    @property
-    def deepspeed_estimated(self) -> bool:
-        """DeepSpeed ZeRO-2/3 in bf16: model states as DeepSpeed's estimators count them."""
-        lay = self.layout
-        return lay.zero_backend == "deepspeed" and lay.zero_stage >= 2 and self.dtype == "bf16"
-
-    @property
-    def owner_partitioned(self) -> bool:
-        """torch's ZeRO-1 (parallel/zero.py): optimizer state partitioned by whole tensors."""
-        return self.layout.zero_backend == "fsdp2" and self.layout.zero_stage == 1
 
     @property
     def gather_copy_factor(self) -> float:
@@ -708,6 +692,34 @@ def loss_transient_bytes(chunk_tokens: int, vocab: int, hidden: int, dtype_bytes
     return block + (0 if fp32 else (vocab + chunk_tokens) * hidden * FP32_BYTES)
 
 
+def fsdp2_sharded(layout: Layout) -> bool:
+    """FSDP2 units: zero_backend fsdp2 at ZeRO-2/3 (LayoutCosts.fsdp2_units)."""
+    return layout.zero_backend == "fsdp2" and layout.zero_stage >= 2
+
+
+def deepspeed_estimated(layout: Layout, dtype: str) -> bool:
+    """DeepSpeed ZeRO-2/3 in bf16: model states as DeepSpeed's estimators count them."""
+    return layout.zero_backend == "deepspeed" and layout.zero_stage >= 2 and dtype == "bf16"
+
+
+def owner_partitioned(layout: Layout) -> bool:
+    """torch's ZeRO-1 (parallel/zero.py): optimizer state partitioned by whole tensors."""
+    return layout.zero_backend == "fsdp2" and layout.zero_stage == 1
+
+
+def backend_states(layout: Layout, dtype: str, num_params: int) -> ModelStateBytes:
+    """Model states of `num_params` parameters on one GPU as the layout's backend allocates
+    them (planner/params.py): FSDP2 (ZeRO-2/3), DeepSpeed ZeRO-2/3 in bf16 as its estimators
+    count them, otherwise the ZeRO paper's table (torch's ZeRO-0/1, DeepSpeed in fp32 or at
+    ZeRO-0/1); torch's ZeRO-1 owner partition is LayoutCosts.model_states's."""
+    shard = layout.dp * layout.sp
+    if fsdp2_sharded(layout):
+        return fsdp2_state_bytes(num_params, shard)
+    if deepspeed_estimated(layout, dtype):
+        return deepspeed_state_bytes(num_params, shard, layout.zero_stage)
+    return model_state_bytes(num_params, shard, layout.zero_stage, dtype)
+
+
 def _deepspeed_layer_transient(stage: int, psi: int, a: int, counts: ParamCounts) -> float:
     """DeepSpeed's working set during a layer's backward: ZeRO-3 gathers parameters and
     gradients of its largest module (its estimator's 4 x largest-layer term in bf16: the
@@ -724,7 +736,7 @@ def _owner_imbalance_bytes(model: ModelConfig, layout: Layout, optimizer_bytes: 
     the optimizer state: exact on one stage; otherwise LPT's bound, the largest tensor x
     (N - 1) / N (planner/params.py owner_partition_max)."""
     ranks = layout.dp * layout.sp
-    if layout.zero_backend != "fsdp2" or layout.zero_stage != 1 or ranks == 1:
+    if not owner_partitioned(layout) or ranks == 1:
         return 0.0
     if layout.pp == 1:
         sizes = parameter_sizes(model, layout.tp, model.num_layers, True, True)
@@ -755,21 +767,12 @@ def layout_costs(
     )
     first, last = _stage_extras(model, rank, zero, layout.pp, rope)
     # model states per parameter after ZeRO sharding (FSDP2: as it allocates them)
-    fsdp2 = layout.zero_backend == "fsdp2" and layout.zero_stage >= 2
-    per = StateBytesPerParam.of(dtype)
-    sharded_params, sharded_optimizer = per.params * zero.shard(3), per.optimizer * zero.shard(1)
-    grads_per_param = per.grads * zero.shard(2)
-    if fsdp2:
-        fsdp2_per = fsdp2_state_bytes(1, 1)
-        sharded_params = fsdp2_per.params / zero.shard_ranks
-        sharded_optimizer = fsdp2_per.optimizer / zero.shard_ranks
-        grads_per_param = fsdp2_per.grads / zero.shard_ranks
-    deepspeed = layout.zero_backend == "deepspeed" and layout.zero_stage >= 2 and dtype == "bf16"
-    if deepspeed:  # DeepSpeed's estimators: the fp32 gradient partition counted
-        ds = deepspeed_state_bytes(zero.shard_ranks, zero.shard_ranks, layout.zero_stage)
-        sharded_params = ds.params / zero.shard_ranks
-        sharded_optimizer = ds.optimizer / zero.shard_ranks
-        grads_per_param = ds.grads / zero.shard_ranks
+    fsdp2 = fsdp2_sharded(layout)
+    # one parameter per shard: the backend's exact bytes per parameter after sharding
+    unit = backend_states(layout, dtype, zero.shard_ranks)
+    sharded_params = unit.params / zero.shard_ranks
+    sharded_optimizer = unit.optimizer / zero.shard_ranks
+    grads_per_param = unit.grads / zero.shard_ranks
     # transient working set (module docstring)
     psi, hidden, ffn = rank.counts.layer, rank.hidden, rank.ffn
     # the layer's own gradients at its two backward instants (w2's, then all of them): FSDP2
@@ -827,7 +830,9 @@ def layout_costs(
         loss_transient_bytes=loss_transient,
         zero_output_transient_bytes=output_params * a if zero.stage == 3 and not fsdp2 else 0,
         output_is_embedding=model.tie_embeddings and layout.pp == 1,
-        owner_imbalance_bytes=_owner_imbalance_bytes(model, layout, per.optimizer),
+        owner_imbalance_bytes=_owner_imbalance_bytes(
+            model, layout, StateBytesPerParam.of(dtype).optimizer
+        ),
         fsdp2_units=fsdp2,
         gathered_layer_bytes=psi * a if fsdp2 else 0.0,
         reduce_scatter_layer_bytes=psi * REDUCE_BYTES if fsdp2 else 0.0,

@@ -28,7 +28,7 @@ import time
 
 from configs.schema import Config
 from planner.assemble import build_plan, layer_policies
-from planner.baselines import Baseline, fastest_fitting
+from planner.baselines import Baseline, fitting_baselines
 from planner.errors import NoFeasiblePlan
 from planner.explain import explain_infeasible
 from planner.milp import solver_name
@@ -89,15 +89,13 @@ def _faster_baseline(cfg: Config, plan: Plan | None, solver: SolverInfo) -> Base
     """The fastest simple policy that fits and beats `plan` (step 4; planner/baselines.py),
     over the layouts whose bounds let one fit and beat it, in order of the time bound."""
     best: Baseline | None = None
+    beat = plan.time.step_seconds if plan is not None else None  # the time to beat
     for cand in sorted(layout_candidates(cfg), key=lambda c: c.time_bound):
-        beat = best.plan.time.step_seconds if best is not None else None
-        if beat is None and plan is not None:
-            beat = plan.time.step_seconds
         if beat is not None and cand.time_bound >= beat:
             break  # no later layout can beat it
         if cand.memory_bound > cand.costs.budget_bytes:
             continue
-        found = fastest_fitting(cfg, [(cand.layout, cand.costs)], solver, faster_than=beat)
-        if found is not None:
-            best = found
+        for found in fitting_baselines(cfg, cand.layout, cand.costs, solver):
+            if beat is None or found.plan.time.step_seconds < beat:
+                best, beat = found, found.plan.time.step_seconds
     return best

@@ -12,7 +12,6 @@ every predicted phase (planner/memory.py predict_phase_peaks) with the trace.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,22 +112,16 @@ tracer cannot run (framework/measure/trace.py), reported as such."""
 
 
 def with_policy(plan: Plan, cfg: Config, policy: str) -> Plan:
-    """`plan`'s layout with `policy` on every layer (the planner's own plan for planner)."""
+    """`plan`'s layout with `policy` on every layer (the planner's own plan for planner),
+    evaluated by the planner (planner/assemble.py build_plan)."""
     if policy == "planner":
         return plan
     mixes = {**FORCED, **TRACE_POLICIES}[policy]
     layers = [
-        dataclasses.replace(layer, **_policy_fields(mixes[i % len(mixes)]))
+        LayerPlan(layer.index, layer.stage, *mixes[i % len(mixes)])
         for i, layer in enumerate(plan.layers)
     ]
     return build_plan(cfg, plan.layout, layers, plan.solver)
-
-
-def _policy_fields(mix: tuple[float, str, float, float]) -> dict[str, Any]:
-    names = ("offload_fraction", "recompute", "recompute_fraction", "anchor_offload_fraction")
-    fields = dict(zip(names, mix, strict=True))
-    LayerPlan(0, 0, **fields)  # checks the combination as a plan file would
-    return fields
 
 
 def run_trace_case(case: TraceCase, cfg: Config) -> dict[str, Any]:

@@ -173,8 +173,9 @@ def test_offload_the_planner_calls_hidden_costs_at_most_5_percent(seq):
     the GPU its step takes at most 1.05x the same plan's step without the offload (same
     recomputation, offloaded tokens kept on the device instead)."""
     cfg, plan = _planned(seq, OFFLOADING_BUDGET[seq])
-    # hidden up to the per-transfer latency the cost model charges (about 1e-6 s)
-    assert plan.time.exposed_transfer_seconds <= 1e-4 * plan.time.step_seconds
+    # the planner's PREDICTION (its cost model, no clock): transfers hidden up to less than
+    # one of the latencies the model charges per transfer (predicted 1.6e-6 s / 8.7e-7 s)
+    assert plan.time.exposed_transfer_seconds < cfg.planner.collective_latency_seconds
     assert any(layer.offload_fraction or layer.anchor_offload_fraction for layer in plan.layers)
     kept = [
         dataclasses.replace(layer, offload_fraction=0.0, anchor_offload_fraction=0.0)
