@@ -307,23 +307,48 @@ def _attention_bias(file: _HfFile, family: str) -> tuple[bool, bool]:
     return fixed
 
 
+def config_json_path(path: str) -> str:
+    """model.hf_config's config.json: the path itself, or DIR/config.json for a model
+    directory (ConfigError when the directory has none)."""
+    if not Path(path).is_dir():
+        return path
+    candidate = Path(path) / "config.json"
+    if not candidate.is_file():
+        raise ConfigError(KEY, f"{path} is a directory without a config.json")
+    return str(candidate)
+
+
+def model_directory(path: str | None) -> Path | None:
+    """The directory model.hf_config names (a directory, or the one holding config.json)."""
+    if path is None:
+        return None
+    return Path(path) if Path(path).is_dir() else Path(path).parent
+
+
 def _read_object(path: str) -> dict[str, Any]:
     return read_json_object(path, KEY, kind="a config.json")
 
 
-def read_hf_config(path: str) -> dict[str, Any]:
-    """ModelConfig field values from a Hugging Face config.json (see the module doc for which
-    keys are read, refused or warned about).
-
-    Every rope_* and bias field is returned, so nothing of the preset the file replaces leaks
-    through (a Qwen2 file over the llama3_2_1b preset has no llama3 scaling).
-    """
-    file = _HfFile(path, _read_object(path))
-    family = file.raw.get("model_type")
+def read_model_type(path: str) -> str:
+    """The model_type of a supported config.json (llama, mistral or qwen2)."""
+    family = _read_object(config_json_path(path)).get("model_type")
     if family not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
             KEY, f"model_type={family!r} in {path}; allowed: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    return family
+
+
+def read_hf_config(path: str) -> dict[str, Any]:
+    """ModelConfig field values from a Hugging Face config.json, or a model directory holding
+    one (see the module doc for which keys are read, refused or warned about).
+
+    Every rope_* and bias field is returned, so nothing of the preset the file replaces leaks
+    through (a Qwen2 file over the llama3_2_1b preset has no llama3 scaling).
+    """
+    path = config_json_path(path)
+    family = read_model_type(path)
+    file = _HfFile(path, _read_object(path))
     heads = file.integer("num_attention_heads")
     num_layers = file.integer("num_hidden_layers")
     max_positions = file.integer("max_position_embeddings", _ABSENT_MAX_POSITIONS[family])

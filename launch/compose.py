@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from configs import CONFIG_DIR
 from configs.errors import ConfigError
 from configs.hf import read_hf_config
+from configs.hf_weights import check_hf_weights
 from configs.schema import Config
 from configs.structured import omegaconf_twin, to_typed
 
@@ -182,8 +183,10 @@ def compose_raw(overrides: Sequence[str]) -> dict[str, Any]:
 def compose_config(overrides: Sequence[str]) -> Config:
     """Compose configs/ with Hydra overrides and return the validated, typed Config.
 
-    `model.hf_config=PATH` replaces the preset's dimensions with those in the JSON file;
-    model.* keys given explicitly on the command line still win (e.g. fewer layers).
+    `model.hf_config=PATH` (a config.json or a model directory) replaces the preset's
+    dimensions with those in the JSON file; model.* keys given explicitly on the command line
+    still win (e.g. fewer layers). With model.init=hf the directory's safetensors headers are
+    checked against the model now (configs/hf_weights.py).
     """
     raw = compose_raw(overrides)
     hf_path = raw["model"].get("hf_config")
@@ -192,7 +195,10 @@ def compose_config(overrides: Sequence[str]) -> Config:
         for key, value in read_hf_config(hf_path).items():
             if key not in explicit:
                 raw["model"][key] = value
-    return to_typed(raw, Config)
+    config = to_typed(raw, Config)
+    if config.model.init == "hf":
+        check_hf_weights(config.model)  # headers only: a missing shard is exit 2 here
+    return config
 
 
 def config_notes(cfg: Config) -> list[str]:

@@ -1,7 +1,10 @@
 """`memplan export export.format=deepspeed|accelerate export.out=PATH [HYDRA OVERRIDES]`: a
 plan (planned now, or plan.path=PLAN) as a DeepSpeed config JSON or an accelerate config YAML
-(plan.out=PATH also writes memplan's plan). export.format defaults to deepspeed; the Hugging
-Face checkpoint export (export.format=hf) is meant to join this subcommand.
+(plan.out=PATH also writes memplan's plan).
+
+`memplan export export.checkpoint=DIR export.out=DIR` (export.format=hf, the default when a
+checkpoint is given): the model of a committed checkpoint of any layout as a Hugging Face
+directory (framework/components/hf_export.py; torch is imported only for this format).
 
 What the target cannot express (token-wise offload, per-layer policy mixes, tensor, pipeline
 or sequence parallelism) is mapped to the nearest configuration it can
@@ -28,7 +31,7 @@ from configs.schema import Config
 from launch.compose import compose_config, warn_config
 from launch.plan_command import policy_totals
 from launch.plan_source import plan_for
-from launch.run_dir import check_writable_file
+from launch.run_dir import check_writable_dir, check_writable_file
 from planner.accelerate_config import accelerate_config
 from planner.deepspeed_config import deepspeed_config
 from planner.plan import Plan, ZeroBackend
@@ -82,7 +85,7 @@ def target_backend(cfg: Config, plan: Plan) -> tuple[str, ZeroBackend]:
     """(what the file is, whose ZeRO accounting applies) for export.format and
     export.accelerate_backend."""
     export = cfg.export
-    if export.format == "deepspeed":
+    if export.resolved_format == "deepspeed":
         return "DeepSpeed", "deepspeed"
     choice = export.accelerate_backend
     if choice == "auto":
@@ -112,7 +115,7 @@ def export_files(
     """The files to write, path -> text: the DeepSpeed JSON and/or the accelerate YAML."""
     ds = deepspeed_config(exported, cfg.train.grad_clip, bf16=exported.train.dtype == "bf16")
     ds_text = json.dumps(ds, indent=2) + "\n"
-    if cfg.export.format == "deepspeed":
+    if cfg.export.resolved_format == "deepspeed":
         return {out: ds_text}
     files: dict[Path, str] = {}
     ds_file = None
@@ -130,6 +133,12 @@ def export_files(
 def run(args: Sequence[str]) -> int:
     """Entry point of `memplan export` (launch/cli.py maps ConfigError and NoFeasiblePlan)."""
     cfg = compose_config(list(args))
+    if cfg.export.resolved_format == "hf":
+        return export_checkpoint(cfg)
+    if cfg.export.checkpoint:
+        raise ConfigError(
+            "export.checkpoint", f"read by export.format=hf only, not {cfg.export.format}"
+        )
     warn_config(cfg)
     if not cfg.export.out:
         raise ConfigError(
@@ -161,4 +170,30 @@ def run(args: Sequence[str]) -> int:
     if cfg.plan.out:
         _write(Path(cfg.plan.out), plan.to_json(), "plan.out")
         console.print(f"wrote {cfg.plan.out}", highlight=False)
+    return 0
+
+
+def export_checkpoint(cfg: Config) -> int:
+    """export.format=hf: a committed checkpoint as a Hugging Face model directory."""
+    export = cfg.export
+    if not export.checkpoint:
+        raise ConfigError(
+            "export.checkpoint", "required by export.format=hf: a committed checkpoint directory"
+        )
+    if not export.out:
+        raise ConfigError("export.out", "required: the directory to write, e.g. export.out=hf")
+    out = check_writable_dir(export.out, "export.out")
+    if out.is_dir() and any(out.iterdir()):  # never overwrite what is already there
+        raise ConfigError("export.out", f"{out} exists and is not empty")
+    from framework.components.hf_export import export_hf  # imports torch
+
+    result = export_hf(export.checkpoint, str(out), export.dtype, int(export.max_shard_gib * 2**30))
+    console = console_for_output()
+    console.print(
+        f"exported step {result.step} ({result.num_tensors} tensors,"
+        f" {format_bytes(result.total_bytes)} {export.dtype}) as a Hugging Face"
+        f" {result.model_type} model",
+        highlight=False,
+    )
+    console.print(f"wrote {result.out}: {', '.join(result.files)}", highlight=False)
     return 0

@@ -14,8 +14,12 @@ class ModelConfig:
     name: str = "custom"
     """Preset or model name; shown in plans and logs."""
     hf_config: str | None = None
-    """Path to a Hugging Face config.json; its dimensions replace the preset's (explicit
-    model.* overrides on the command line still win)."""
+    """A Hugging Face config.json, or a model directory holding one (with *.safetensors and
+    tokenizer.json); its dimensions replace the preset's (explicit model.* overrides on the
+    command line still win)."""
+    init: Literal["random", "hf"] = "random"
+    """Initial weights: random (seeded by train.seed, the same under every layout) or hf (the
+    safetensors of the model.hf_config directory, each rank reading only what it holds)."""
     vocab_size: int = 256
     """Number of token ids."""
     hidden_size: int = 128

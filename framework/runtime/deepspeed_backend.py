@@ -41,6 +41,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from configs.schema import ModelConfig, TrainConfig
 from framework.components.logs import adopt_library_logger
 from framework.components.optim import build_lr_scheduler, build_optimizer
+from framework.components.weights import initialize_weights
 from framework.runtime.base import StepOutput
 from framework.runtime.state import SchedulerState
 from framework.runtime.step import accumulate_microbatches, run_train_step
@@ -94,7 +95,7 @@ class DeepSpeedRuntime:
         # An earlier ZeRO-3 engine in this process may have left its linear in place.
         restore_torch_linear()
         model = StageModel(model_cfg, loss_chunk_tokens=train_cfg.loss_chunk_tokens).to(device)
-        model.init_weights(train_cfg.seed)
+        initialize_weights(model, model_cfg, train_cfg.seed)
         self.activation_runtime = ActivationRuntime()
         apply_layer_policies(model.layers.values(), plan.layers, self.activation_runtime)
         # one micro-batch in flight: one host slab per offloading layer, allocated now

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from configs.schema import ModelConfig, TrainConfig
 from framework.components.optim import build_lr_scheduler, build_optimizer
+from framework.components.weights import initialize_weights
 from framework.runtime.base import StepOutput, autocast_context
 from framework.runtime.state import ModelState, OptimizerState, SchedulerState
 from framework.runtime.step import accumulate_microbatches, run_train_step
@@ -84,7 +85,7 @@ class ParallelRuntime:
                 )
             parallelize(model, mesh, plan, dtype, self.activation_runtime)
             model.to_empty(device=device)
-            model.init_weights(train_cfg.seed)
+            initialize_weights(model, model_cfg, train_cfg.seed)
             self.modules.append(model)
         # host slabs for offloaded activations, allocated now: one per layer and micro-batch
         # of its stage in flight at once under the schedule (planner/schedules.py)

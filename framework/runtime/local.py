@@ -16,8 +16,9 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from configs.schema import ModelConfig, TrainConfig
 from framework.components.loss import chunked_cross_entropy
-from framework.components.model import Transformer, build_model, materialize
+from framework.components.model import Transformer, build_model
 from framework.components.optim import build_lr_scheduler, build_optimizer
+from framework.components.weights import initialize_weights
 from framework.runtime.base import StepOutput, autocast_context
 from framework.runtime.state import ModelState, OptimizerState, SchedulerState
 from framework.runtime.step import accumulate_microbatches, run_train_step
@@ -105,7 +106,8 @@ def build_local_runtime(
     """The plan's model on one device: build on meta, materialise, AdamW; every layer keeps,
     offloads and recomputes what plan.layers says, with the host slabs of the offloading
     layers allocated now (micro-batches run one at a time: one slab per layer)."""
-    model = materialize(build_model(model_cfg), device, train_cfg.seed)
+    model = build_model(model_cfg).to_empty(device=device)
+    initialize_weights(model, model_cfg, train_cfg.seed)
     runtime = LocalRuntime(model, train_cfg, plan.layout.micro_batch_size, device, dtype)
     apply_layer_policies(model.layers.values(), plan.layers, runtime.activation_runtime)
     slabs = {int(layer.layer_index): 1 for layer in model.layers.values()}
