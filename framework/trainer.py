@@ -2,8 +2,9 @@
 
 resume (newest valid checkpoint) -> data (TokenLoader) -> runtime.train_step (layout,
 micro-batches, optimizer) -> metrics line on logging steps (the only device syncs) -> wandb
--> asynchronous checkpoint on checkpoint steps, or after the step at which a SIGUSR1 arrived
-(then the loop stops: framework/components/stop.py)
+-> validation loss every train.eval_every steps (and before the first) -> asynchronous
+checkpoint on checkpoint steps, or after the step at which a SIGUSR1 arrived (then the loop
+stops: framework/components/stop.py)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from framework.components.checkpoint import Checkpointer
 from framework.components.data import TokenLoader, open_tokens
 from framework.components.device import resolve_device, resolve_dtype
 from framework.components.distributed import init_distributed
+from framework.components.evaluation import ValidationSet, open_validation_tokens
 from framework.components.logs import log_rank0
 from framework.components.metrics import MetricsTracker, header_summary
 from framework.components.stop import StopRequest
@@ -37,6 +39,8 @@ class TrainResult:
     """Losses of the logged steps, by step number."""
 
     losses: dict[int, float] = field(default_factory=dict)
+    eval_losses: dict[int, float] = field(default_factory=dict)
+    """Validation losses by the step they follow (0: before the first step)."""
     start_step: int = 0
     """Steps already done by the checkpoint this run resumed from (0: a fresh start)."""
     stopped_at: int | None = None
@@ -63,6 +67,10 @@ def train(cfg: Config, plan: Plan, run_dir: Path) -> TrainResult:
         runtime.dp_rank,
         runtime.dp_size,
     )
+    validation = None
+    if cfg.train.eval_every > 0:
+        val_tokens = open_validation_tokens(cfg.data)
+        validation = ValidationSet(val_tokens, cfg.train.seq_len, cfg.model.vocab_size)
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
     metrics = MetricsTracker(
         cfg.model,
@@ -101,20 +109,27 @@ def train(cfg: Config, plan: Plan, run_dir: Path) -> TrainResult:
         last_step = cfg.train.steps
         if cfg.checkpoint.exit_after:
             last_step = min(last_step, result.start_step + cfg.checkpoint.exit_after)
-        metrics.start_window()  # set-up above (wandb, resume) is not throughput
+        if validation is not None:
+            evaluate(runtime, validation, result.start_step, tracker, result)
+        metrics.start_window()  # set-up above (wandb, resume, eval) is not throughput
         for step in range(result.start_step + 1, last_step + 1):
             inputs, targets = loader.next_batch()
             output = runtime.train_step(inputs, targets)
             metrics.step_done()
-            if (
+            logged = (
                 step in (1, result.start_step + 1)
                 or step % cfg.logging.every == 0
                 or step == last_step
-            ):
+            )
+            if logged:
                 line = metrics.collect(step, output.loss, output.grad_norm)  # host sync
                 log_rank0(logger, line.line())
                 tracker.log(line)
                 result.losses[step] = line.loss
+            if validation is not None and step % cfg.train.eval_every == 0:
+                evaluate(runtime, validation, step, tracker, result)
+                if logged:  # the window just began: keep eval out of the next tok/s
+                    metrics.start_window()
             stopping = stop.agreed()  # host-to-host, every step: all ranks stop together
             if checkpointer.due(step, last_step) or stopping:
                 checkpointer.save(step, {"loader": loader.state_dict()})
@@ -131,6 +146,25 @@ def train(cfg: Config, plan: Plan, run_dir: Path) -> TrainResult:
         tracker.finish()
         runtime.close()
     return result
+
+
+def evaluate(
+    runtime: TrainRuntime,
+    validation: ValidationSet,
+    step: int,
+    tracker: WandbTracker,
+    result: TrainResult,
+) -> None:
+    """The validation loss after `step` steps: printed by rank 0 (`eval N | loss X.XXXX`),
+    logged to wandb as eval/loss, kept in result.eval_losses."""
+    sums = runtime.evaluate(validation)  # host sync
+    if sums.tokens != validation.num_tokens:  # every window counted exactly once
+        raise RuntimeError(
+            f"validation counted {sums.tokens} tokens, not the file's {validation.num_tokens}"
+        )
+    log_rank0(logger, f"eval {step} | loss {sums.loss:.4f}")
+    tracker.log_eval(step, sums.loss)
+    result.eval_losses[step] = sums.loss
 
 
 def build_checkpointer(

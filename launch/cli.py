@@ -21,9 +21,10 @@ COMMANDS = {
     "profile": ("launch.profile_command", "run steps here; predicted vs measured memory"),
     "job": ("launch.job_command", "write a SLURM batch script (job.out=PATH)"),
     "export": ("launch.export_command", "a plan as a DeepSpeed JSON / accelerate YAML"),
+    "data": ("launch.data_command", "tokenize a corpus into a token file (prepare.*)"),
 }
 
-USAGE = "usage: memplan {plan,train,profile,job,export} [-m] [HYDRA OVERRIDES ...]\n\n" + "\n".join(
+USAGE = f"usage: memplan {{{','.join(COMMANDS)}}} [-m] [HYDRA OVERRIDES ...]\n\n" + "\n".join(
     f"  {name:<8} {help_text}" for name, (_, help_text) in COMMANDS.items()
 )
 

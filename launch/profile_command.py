@@ -265,7 +265,9 @@ def run(args: list[str]) -> int:
     cfg = compose_config(args)
     warn_config(cfg)
     if cfg.data.path is not None:  # profile steps draw random tokens, but a bad path is bad input
-        check_training_tokens(cfg.data, cfg.train.seq_len, cfg.model.vocab_size)
+        check_training_tokens(
+            cfg.data, cfg.train.seq_len, cfg.model.vocab_size, cfg.model.hf_config
+        )
     plan = plan_for(cfg)  # plan.path checked as for train, or the planner's plan
     if cfg.profile.mode == "trace":
         console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=False)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import os
 import shlex
@@ -32,7 +33,7 @@ from typing import IO
 
 from configs.errors import ConfigError
 from configs.schema import ClusterConfig, Config
-from configs.tokens import check_training_tokens
+from configs.tokens import check_training_tokens, max_token_id, token_file
 from launch.compose import compose_config, warn_config
 from launch.plan_source import plan_for
 from launch.run_dir import (
@@ -104,12 +105,48 @@ def check_single_node(cluster: ClusterConfig) -> None:
             )
 
 
+def check_validation_tokens(cfg: Config) -> None:
+    """ConfigError when validation cannot run: train.eval_every > 0 without data.val_path,
+    or a data.val_path that is not a readable token file of data.dtype, holds less than one
+    window (train.seq_len + 1 tokens) or a token id >= model.vocab_size."""
+    data, seq_len, vocab_size = cfg.data, cfg.train.seq_len, cfg.model.vocab_size
+    if data.val_path is None:
+        if cfg.train.eval_every > 0:
+            raise ConfigError(
+                "train.eval_every",
+                f"{cfg.train.eval_every} needs data.val_path=TOKENS.bin (validation tokens)",
+            )
+        return
+    try:  # read as data.path is: same data.dtype (or its metadata's, for auto)
+        found = token_file(dataclasses.replace(data, path=data.val_path))
+    except ConfigError as exc:  # the same checks as data.path's, named for this key
+        raise ConfigError("data.val_path", str(exc).removeprefix(f"{exc.key}: ")) from exc
+    assert found is not None  # a path was given
+    if found.num_tokens < seq_len + 1:
+        raise ConfigError(
+            "data.val_path",
+            f"{data.val_path} holds {found.num_tokens} tokens, less than one window: "
+            f"train.seq_len={seq_len} needs >= {seq_len + 1}",
+        )
+    try:
+        largest = max_token_id(found.path, found.dtype)
+    except (OSError, ValueError) as exc:
+        raise ConfigError("data.val_path", f"cannot map {data.val_path}: {exc}") from exc
+    if largest >= vocab_size:
+        raise ConfigError(
+            "data.val_path",
+            f"{data.val_path} holds token id {largest} >= model.vocab_size={vocab_size} "
+            "(wrong tokenizer or data.dtype?)",
+        )
+
+
 def check_run_inputs(cfg: Config, run_dir: Path) -> None:
     """What the workers would otherwise find only after start-up: the run and checkpoint
     directories can be written, the tokens fit the model and sequence, the devices exist,
     and no live run holds the run directory."""
     check_single_node(cfg.cluster)
-    check_training_tokens(cfg.data, cfg.train.seq_len, cfg.model.vocab_size)
+    check_training_tokens(cfg.data, cfg.train.seq_len, cfg.model.vocab_size, cfg.model.hf_config)
+    check_validation_tokens(cfg)
     check_writable_dir(run_dir, "launch.run_dir")
     check_not_locked(run_dir)
     if cfg.checkpoint.every > 0:

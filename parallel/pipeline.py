@@ -14,9 +14,14 @@ parallelised like a whole model, and one schedule runs them:
 The last stage's loss is StageModel.loss (chunked cross-entropy, the micro-batch's token
 mean); the schedule divides gradients by the number of micro-batches (scale_grads), so the
 gradient is that of the mean over the rank's rows, as in one process.
+
+Validation (`evaluator`) runs the same schedule class forward-only through its eval(), on
+stages and a schedule built for that evaluation.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -29,7 +34,9 @@ from torch.distributed.pipelining import (
     ScheduleInterleavedZeroBubble,
     ScheduleZBVZeroBubble,
 )
+from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
 
+from framework.components.evaluation import summed_loss
 from parallel.dims import ParallelMesh
 from parallel.stage_model import StageModel
 from parallel.zero import local_tensor
@@ -62,13 +69,30 @@ class Pipeline:
         activation_shape: tuple[int, int, int],
         activation_dtype: torch.dtype,
     ) -> None:
-        micro, seq, _ = activation_shape
+        self.modules, self.schedule_name = modules, schedule
+        self.num_microbatches, self.pp_group, self.device = num_microbatches, pp_group, device
+        self.activation_shape, self.activation_dtype = activation_shape, activation_dtype
+        self.has_first = any(m.is_first for m in modules)
+        last = [m for m in modules if m.is_last]
+        self.last = last[0] if last else None
+        self.schedule = self._build_schedule(self._loss)
+
+    def _build_schedule(
+        self,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        stage_class: type[PipelineStage] = PipelineStage,
+    ) -> PipelineScheduleSingle | PipelineScheduleMulti:
+        """Stages (stage_class) over this rank's modules and the torch schedule running them."""
+        micro, seq, _ = self.activation_shape
         stages = []
-        for module in modules:
+        for module in self.modules:
             # Static shapes: no metadata exchange or inference step (micro, seq/sp, hidden)
             # (requires_grad: the gradients travel back along the same edges)
             hidden = torch.empty(
-                activation_shape, dtype=activation_dtype, device="meta", requires_grad=True
+                self.activation_shape,
+                dtype=self.activation_dtype,
+                device="meta",
+                requires_grad=True,
             )
             if module.is_first:
                 example_in = torch.empty((micro, seq), dtype=torch.long, device="meta")
@@ -76,25 +100,21 @@ class Pipeline:
                 example_in = hidden
             example_out = hidden
             stages.append(
-                PipelineStage(
+                stage_class(
                     module,
                     module.stage,
                     module.num_stages,
-                    device,
+                    self.device,
                     input_args=(example_in,),
                     output_args=(example_out,),
-                    group=pp_group,
+                    group=self.pp_group,
                 )
             )
-        self.has_first = any(m.is_first for m in modules)
-        last = [m for m in modules if m.is_last]
-        self.last = last[0] if last else None
-        if schedule in SINGLE_STAGE:
+        if self.schedule_name in SINGLE_STAGE:
             if len(stages) != 1:
-                raise ValueError(f"{schedule} runs one stage per rank, got {len(stages)}")
-            self.schedule = SINGLE_STAGE[schedule](stages[0], num_microbatches, self._loss)
-        else:
-            self.schedule = MULTI_STAGE[schedule](stages, num_microbatches, self._loss)
+                raise ValueError(f"{self.schedule_name} runs one stage per rank, got {len(stages)}")
+            return SINGLE_STAGE[self.schedule_name](stages[0], self.num_microbatches, loss_fn)
+        return MULTI_STAGE[self.schedule_name](stages, self.num_microbatches, loss_fn)
 
     def _loss(self, output: Tensor, targets: Tensor) -> Tensor:
         assert self.last is not None, "the schedule asked a rank without the last stage for a loss"
@@ -110,6 +130,53 @@ class Pipeline:
         losses: list[Tensor] = []
         self.schedule.step(*args, target=targets, losses=losses)
         return torch.stack([loss.detach() for loss in losses]).mean()
+
+    def evaluator(self) -> Callable[[Tensor, Tensor], Tensor | None]:
+        """A forward-only pass over micro_batch_size x num_microbatches rows per call:
+        run(inputs, targets) -> [summed cross-entropy, tokens] of the real rows on the rank
+        holding the last stage (None elsewhere); targets stay on the CPU (padding rows:
+        framework.components.evaluation.PAD_TARGET).
+
+        The schedule's own eval(), on stages and a schedule of its own, built per evaluation
+        and dropped after it: the training schedule never switches between forward-only and
+        training (torch 2.9 did not re-initialise backward after an eval first, pytorch
+        #162822), and the eval receive buffers live only while the evaluation runs."""
+        schedule = self._build_schedule(self._summed_loss, ForwardOnlyStage)
+
+        def run(inputs: Tensor, targets: Tensor) -> Tensor | None:
+            args = (inputs,) if self.has_first else ()
+            if self.last is None:
+                schedule.eval(*args)
+                return None
+            sums: list[Tensor] = []
+            schedule.eval(*args, target=targets, losses=sums)
+            return torch.stack(sums).sum(0)
+
+        return run
+
+    def _summed_loss(self, output: Tensor, targets: Tensor) -> Tensor:
+        assert self.last is not None, "the schedule asked a rank without the last stage for a loss"
+        return summed_loss(self.last.loss, output, targets)
+
+
+class ForwardOnlyStage(PipelineStage):
+    """A stage of a schedule that runs only eval(): the multi-stage schedules (torch's
+    _PipelineScheduleRuntime, 2.13) still walk their backward actions there. Each skips its
+    computation without backward, but two do not: handing a V-shaped rank's backward output
+    to its adjacent stage (raises: zbv_zero_bubble's eval() fails without this), and
+    REDUCE_GRAD (runs FSDP's post-backward on every parameter group by hand). Forward-only,
+    there is nothing to hand on or reduce."""
+
+    def get_local_bwd_output(self, mb_index: int) -> tuple[Tensor | None, ...]:
+        return ()
+
+    def set_local_bwd_input(
+        self, next_stage_bwd_outputs: tuple[Tensor | None, ...], mb_index: int
+    ) -> None:
+        return None
+
+    def perform_reduce_grad(self, grad_scale_factor: int) -> None:
+        return None
 
 
 class EmbeddingGroup:

@@ -10,6 +10,7 @@ from configs.schema.launch import JobConfig, LaunchConfig
 from configs.schema.logging import LoggingConfig
 from configs.schema.model import ModelConfig
 from configs.schema.planner import PlannerConfig
+from configs.schema.prepare import PrepareConfig
 from configs.schema.profile import ProfileConfig
 from configs.schema.train import DataConfig, TrainConfig
 
@@ -42,6 +43,8 @@ class Config:
     """`memplan train` process launch."""
     export: ExportConfig = field(default_factory=ExportConfig)
     """`memplan export`."""
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    """`memplan data`."""
 
 
 __all__ = [
@@ -56,6 +59,7 @@ __all__ = [
     "ModelConfig",
     "PlanIOConfig",
     "PlannerConfig",
+    "PrepareConfig",
     "ProfileConfig",
     "TrainConfig",
 ]

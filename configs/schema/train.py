@@ -40,11 +40,14 @@ class TrainConfig:
     """Compute dtype: auto = bf16 on GPU, fp32 on CPU."""
     loss_chunk_tokens: int = 4096
     """Tokens per chunk of the chunked cross-entropy (bounds the logits working set)."""
+    eval_every: int = 0
+    """Validation loss over data.val_path before the first step and every this many steps;
+    0 turns it off."""
 
     def __post_init__(self) -> None:
         counts = ("seq_len", "global_batch_size", "micro_batch_size", "steps", "loss_chunk_tokens")
         check_bounds(self, "train", counts, at_least=1)  # micro_batch_size may be null
-        check_bounds(self, "train", ("seed", "warmup_steps", "grad_clip"), at_least=0)
+        check_bounds(self, "train", ("seed", "warmup_steps", "grad_clip", "eval_every"), at_least=0)
         check_bounds(self, "train", ("weight_decay",), at_least=0)
         check_bounds(self, "train", ("lr", "adam_eps"), above=0)
         check_bounds(self, "train", ("min_lr_ratio",), at_least=0, at_most=1)
@@ -57,8 +60,12 @@ class DataConfig:
 
     path: str | None = None
     """A flat token file (nanoGPT .bin); None uses the embedded corpus (no download)."""
-    dtype: Literal["uint16", "uint32"] = "uint16"
-    """Element type of the token file."""
+    val_path: str | None = None
+    """A validation token file (same format and data.dtype as path); train.eval_every > 0
+    reports the mean loss over all of it, cut into consecutive windows of seq_len + 1."""
+    dtype: Literal["auto", "uint16", "uint32"] = "auto"
+    """Element type of the token file; auto: the one its metadata (PATH.meta.json, written by
+    `memplan data`) records, uint16 for a file without metadata."""
     embedded_max_bytes: int = 8 * 2**20
     """Size cap of the embedded corpus: byte tokens from Python's standard library sources."""
 

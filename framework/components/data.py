@@ -21,7 +21,7 @@ from torch import Tensor
 
 from configs.errors import ConfigError
 from configs.schema import DataConfig
-from configs.tokens import check_token_file
+from configs.tokens import token_file
 
 
 def stdlib_corpus(max_bytes: int) -> np.ndarray:
@@ -44,12 +44,13 @@ def stdlib_corpus(max_bytes: int) -> np.ndarray:
 
 
 def open_tokens(cfg: DataConfig) -> np.ndarray:
-    """The token array: a read-only memmap of cfg.path, or the embedded corpus."""
-    if cfg.path is None:
+    """The token array: a read-only memmap of cfg.path (as data.dtype, or for auto the dtype
+    its metadata records), or the embedded corpus."""
+    found = token_file(cfg)
+    if found is None:
         return stdlib_corpus(cfg.embedded_max_bytes)
-    path = check_token_file(cfg)
     try:
-        return np.memmap(path, dtype=cfg.dtype, mode="r")
+        return np.memmap(found.path, dtype=found.dtype, mode="r")
     except (OSError, ValueError) as exc:
         raise ConfigError("data.path", f"cannot map {cfg.path}: {exc}") from exc
 

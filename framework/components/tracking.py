@@ -53,6 +53,12 @@ class WandbTracker:
             step=metrics.step,
         )
 
+    def log_eval(self, step: int, loss: float) -> None:
+        """Record the validation loss after `step` optimizer steps (0: before the first)."""
+        if self.run is None:
+            return
+        self.run.log({"eval/loss": loss}, step=step)
+
     def finish(self) -> None:
         """Flush and close the run."""
         if self.run is not None:

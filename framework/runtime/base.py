@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from torch.distributed.checkpoint.stateful import Stateful
 
+from framework.components.evaluation import EvalSums, ValidationSet
+
 
 @dataclass(frozen=True)
 class StepOutput:
@@ -42,6 +44,13 @@ class TrainRuntime(Protocol):
 
     def train_step(self, inputs: Tensor, targets: Tensor) -> StepOutput:
         """One optimizer step on this data-parallel rank's rows [rows, seq] (int64, CPU)."""
+        ...
+
+    def evaluate(self, validation: ValidationSet) -> EvalSums:
+        """The loss over every validation window: forward only (framework/runtime/step.py
+        forward_only, run_evaluation), this rank's share of the windows in micro-batches of
+        the plan's micro_batch_size, sums all-reduced (valid on every rank). Changes no
+        parameter, gradient, optimizer, schedule or RNG state."""
         ...
 
     def stateful_parts(self) -> dict[str, Stateful]:

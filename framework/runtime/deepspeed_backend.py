@@ -39,12 +39,18 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.stateful import Stateful
 
 from configs.schema import ModelConfig, TrainConfig
+from framework.components.evaluation import EvalSums, ValidationSet, summed_loss
 from framework.components.logs import adopt_library_logger
 from framework.components.optim import build_lr_scheduler, build_optimizer
 from framework.components.weights import initialize_weights
 from framework.runtime.base import StepOutput
 from framework.runtime.state import SchedulerState
-from framework.runtime.step import accumulate_microbatches, run_train_step
+from framework.runtime.step import (
+    accumulate_microbatches,
+    forward_only,
+    run_evaluation,
+    run_train_step,
+)
 from offload import ActivationRuntime, apply_layer_policies, reserve_plan_host_memory
 from parallel.stage_model import StageModel
 from planner.deepspeed_config import deepspeed_config
@@ -59,8 +65,11 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens: Tensor, targets: Tensor) -> Tensor:
-        return self.model.loss(self.model(tokens), targets)
+    def forward(self, tokens: Tensor, targets: Tensor, summed: bool = False) -> Tensor:
+        hidden = self.model(tokens)
+        if summed:  # validation: [summed cross-entropy, tokens] of the real rows (CPU targets)
+            return summed_loss(self.model.loss, hidden, targets)
+        return self.model.loss(hidden, targets)
 
 
 class DeepSpeedRuntime:
@@ -154,6 +163,19 @@ class DeepSpeedRuntime:
         return share
 
     # --------------------------------------------------------------------------------------
+
+    def evaluate(self, validation: ValidationSet) -> EvalSums:
+        """Through the engine's forward (ZeRO-3 gathers parameters per module, the output
+        weight inside LossModule's forward), this rank's windows, sums all-reduced."""
+        batches = validation.batches(self.dp_rank, self.dp_size, self.micro_batch_size)
+        with forward_only([self.engine]):
+            return run_evaluation(self._micro_sums, batches, self.device, self._reduce_sums)
+
+    def _micro_sums(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        return self.engine(inputs.to(self.device, non_blocking=True), targets, summed=True)
+
+    def _reduce_sums(self, total: Tensor) -> None:
+        dist.all_reduce(total)
 
     def stateful_parts(self) -> dict[str, Stateful]:
         return {

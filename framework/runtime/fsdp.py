@@ -13,6 +13,9 @@ stage model. A step (framework/runtime/step.py):
 
 The reported loss is the mean over the global batch: every (pp, dp, sp) rank contributes its
 rows' mean / (dp x sp) from the last stage (tp ranks repeat it), summed onto rank 0.
+Validation (evaluate) runs the same layout forward-only: the pipeline through a forward-only
+schedule (parallel.pipeline.Pipeline.evaluator), the last stage's summed loss and token
+count all-reduced over the same ranks.
 The torch-native backend (zero_backend fsdp2); deepspeed layouts run in
 framework/runtime/deepspeed_backend.py.
 """
@@ -26,13 +29,20 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.fsdp import FSDPModule
 
 from configs.schema import ModelConfig, TrainConfig
+from framework.components.evaluation import EvalSums, ValidationSet, summed_loss
 from framework.components.optim import build_lr_scheduler, build_optimizer
 from framework.components.weights import initialize_weights
 from framework.runtime.base import StepOutput, autocast_context
 from framework.runtime.state import ModelState, OptimizerState, SchedulerState
-from framework.runtime.step import accumulate_microbatches, run_train_step
+from framework.runtime.step import (
+    accumulate_microbatches,
+    forward_only,
+    run_evaluation,
+    run_train_step,
+)
 from offload import ActivationRuntime, reserve_plan_host_memory
 from parallel.dims import ParallelDims, ParallelMesh, stage_layers
 from parallel.grad_norm import clip_grads_, global_grad_norm
@@ -206,6 +216,43 @@ class ParallelRuntime:
         return share
 
     # --------------------------------------------------------------------------------------
+
+    def evaluate(self, validation: ValidationSet) -> EvalSums:
+        """This dp rank's windows (every sp rank its sequence chunk of them), micro-batch by
+        micro-batch, or through a forward-only pipeline schedule of num_microbatches; the
+        last stage's sums all-reduced over (pp, dp, sp) as global_loss does (tp repeats)."""
+        batch_sums: Callable[[Tensor, Tensor], Tensor | None] = self._micro_sums
+        per_call = self.micro_batch_size
+        if self.pipeline is not None:
+            run = self.pipeline.evaluator()
+
+            def batch_sums(inputs: Tensor, targets: Tensor) -> Tensor | None:
+                return run(self._local(inputs).to(self.device), self._local(targets))
+
+            per_call *= self.num_microbatches
+        batches = validation.batches(self.dp_rank, self.dp_size, per_call)
+        with forward_only(self.modules), autocast_context(self.device, self.autocast_dtype):
+            sums = run_evaluation(batch_sums, batches, self.device, self._reduce_sums)
+        if self.zero_stage >= 2:
+            # ZeRO-2 keeps parameters gathered after a forward until its backward; without
+            # one they would stay gathered into the next step: shard them again
+            for model in self.modules:
+                for module in model.modules():
+                    if isinstance(module, FSDPModule):
+                        module.reshard()
+        return sums
+
+    def _local(self, tokens: Tensor) -> Tensor:
+        """This sp rank's contiguous chunk of every sequence (still on the CPU)."""
+        return sequence_chunk(tokens, self.sp_rank, self.dims.sp)
+
+    def _micro_sums(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        (model,) = self.modules
+        hidden = model(self._local(inputs).to(self.device, non_blocking=True))
+        return summed_loss(model.loss, hidden, self._local(targets))
+
+    def _reduce_sums(self, total: Tensor) -> None:
+        dist.all_reduce(total, group=self.loss_group)
 
     def stateful_parts(self) -> dict[str, Stateful]:
         return {

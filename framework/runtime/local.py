@@ -3,7 +3,8 @@
     build_local_runtime(model_cfg, train_cfg, plan, device, dtype) -> LocalRuntime
 
 A step (framework/runtime/step.py): gradient accumulation over micro-batches -> clip ->
-pre-update hooks -> AdamW and LR schedule.
+pre-update hooks -> AdamW and LR schedule. Validation (evaluate): the forward alone, under
+no_grad, in micro-batches of the plan's size.
 """
 
 from __future__ import annotations
@@ -15,13 +16,19 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.stateful import Stateful
 
 from configs.schema import ModelConfig, TrainConfig
+from framework.components.evaluation import EvalSums, ValidationSet, summed_loss
 from framework.components.loss import chunked_cross_entropy
 from framework.components.model import Transformer, build_model
 from framework.components.optim import build_lr_scheduler, build_optimizer
 from framework.components.weights import initialize_weights
 from framework.runtime.base import StepOutput, autocast_context
 from framework.runtime.state import ModelState, OptimizerState, SchedulerState
-from framework.runtime.step import accumulate_microbatches, run_train_step
+from framework.runtime.step import (
+    accumulate_microbatches,
+    forward_only,
+    run_evaluation,
+    run_train_step,
+)
 from offload import ActivationRuntime, apply_layer_policies, reserve_plan_host_memory
 from planner.plan import Plan
 
@@ -83,6 +90,22 @@ class LocalRuntime:
         return local_loss
 
     # --------------------------------------------------------------------------------------
+
+    def evaluate(self, validation: ValidationSet) -> EvalSums:
+        batches = validation.batches(0, 1, self.micro_batch_size)
+        with forward_only([self.model]):
+            return run_evaluation(self.micro_sums, batches, self.device)
+
+    def micro_sums(self, tokens: Tensor, targets: Tensor) -> Tensor:
+        """One validation micro-batch: [summed cross-entropy, tokens] of its real rows."""
+        with autocast_context(self.device, self.dtype):
+            hidden = self.model(tokens.to(self.device, non_blocking=True))
+            return summed_loss(self._loss, hidden, targets)
+
+    def _loss(self, hidden: Tensor, targets: Tensor) -> Tensor:
+        return chunked_cross_entropy(
+            hidden, self.model.output_weight(), targets, self.loss_chunk_tokens
+        )
 
     def stateful_parts(self) -> dict[str, Stateful]:
         return {

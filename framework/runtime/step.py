@@ -9,16 +9,21 @@ phases of an optimizer step and their order exist once:
     global_loss        the mean loss over the global batch, on rank 0
 
 A backend supplies the phases; `accumulate_microbatches` is the micro-batch loop they share.
+
+Validation (`run_evaluation`, under `forward_only`) is the forward alone: per batch of
+validation rows the backend's summed loss, one all-reduce and one host sync at the end.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from framework.components.evaluation import EvalSums
 from framework.runtime.base import StepOutput
 
 
@@ -95,3 +100,43 @@ def accumulate_microbatches(
             backward(loss, index == num_micro - 1)
         total += loss.detach().float()
     return total / num_micro
+
+
+@contextmanager
+def forward_only(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """torch.no_grad with the modules in eval mode; their training flags come back after.
+
+    no_grad, not inference_mode: FSDP's all-gather buffers and DTensors made under
+    inference_mode would be inference tensors, unusable by the next training step. Without
+    grad mode the offload engines run the plain layer (offload/engine.py): nothing is saved,
+    offloaded or recomputed, and no host slab is leased.
+    """
+    modes = [(module, module.training) for module in modules]
+    try:
+        for module, _ in modes:
+            module.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes:
+            module.train(training)
+
+
+def run_evaluation(
+    batch_sums: Callable[[Tensor, Tensor], Tensor | None],
+    batches: Iterable[tuple[Tensor, Tensor]],
+    device: torch.device,
+    reduce: Callable[[Tensor], None] | None = None,
+) -> EvalSums:
+    """Sum `batch_sums(inputs, targets)` ([summed cross-entropy, tokens], or None on a rank
+    that computes no loss) over this rank's validation batches, `reduce` the total in place
+    over the ranks, and read it once."""
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for inputs, targets in batches:
+        sums = batch_sums(inputs, targets)
+        if sums is not None:
+            total += sums
+    if reduce is not None:
+        reduce(total)
+    loss_sum, tokens = total.tolist()  # host sync, once per evaluation
+    return EvalSums(loss_sum, round(tokens))

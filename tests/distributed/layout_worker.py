@@ -27,12 +27,13 @@ from torch.distributed.tensor import DTensor
 from configs.schema import Config
 from framework.components.data import TokenLoader, open_tokens
 from framework.components.distributed import DistContext
+from framework.components.evaluation import ValidationSet, open_validation_tokens
 from framework.components.model import build_model, materialize
-from framework.runtime import LocalRuntime, build_runtime
+from framework.runtime import LocalRuntime, TrainRuntime, build_runtime
 from launch.compose import load_resolved
 from planner.plan import Plan
 
-Reference = tuple[list[float], list[float], dict[str, torch.Tensor], float]
+Reference = tuple[list[float], list[float], dict[str, torch.Tensor], float, list[float]]
 
 
 def loader_for(cfg: Config, dp_rank: int, dp_size: int) -> TokenLoader:
@@ -47,38 +48,54 @@ def loader_for(cfg: Config, dp_rank: int, dp_size: int) -> TokenLoader:
     )
 
 
+def validation_for(cfg: Config) -> ValidationSet | None:
+    """The validation windows when the case evaluates (train.eval_every > 0)."""
+    if cfg.train.eval_every == 0:
+        return None
+    return ValidationSet(open_validation_tokens(cfg.data), cfg.train.seq_len, cfg.model.vocab_size)
+
+
+def train_steps(
+    cfg: Config, runtime: TrainRuntime, loader: TokenLoader
+) -> tuple[list[float], list[float], list[float]]:
+    """cfg.train.steps steps: losses, grad norms, and the validation losses before the first
+    step and after every train.eval_every steps (as the trainer evaluates)."""
+    validation = validation_for(cfg)
+    losses, norms, evals = [], [], []
+    for step in range(cfg.train.steps + 1):
+        if step:
+            out = runtime.train_step(*loader.next_batch())
+            losses.append(float(out.loss))
+            norms.append(float(out.grad_norm))
+        if validation is not None and step % cfg.train.eval_every == 0:
+            evals.append(runtime.evaluate(validation).loss)
+    return losses, norms, evals
+
+
 def reference(cfg: Config) -> Reference:
-    """One process, the whole batch in one micro-batch: losses, grad norms, final parameters
-    and the largest change of any parameter entry (what a wrong layout would miss)."""
+    """One process, the whole batch in one micro-batch: losses, grad norms, final parameters,
+    the largest change of any parameter entry (what a wrong layout would miss) and the
+    validation losses (when the case evaluates)."""
     model = materialize(build_model(cfg.model), "cpu", cfg.train.seed)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     runtime = LocalRuntime(
         model, cfg.train, cfg.train.global_batch_size, torch.device("cpu"), torch.float32
     )
-    loader = loader_for(cfg, 0, 1)
-    losses, norms = [], []
-    for _ in range(cfg.train.steps):
-        out = runtime.train_step(*loader.next_batch())
-        losses.append(float(out.loss))
-        norms.append(float(out.grad_norm))
+    losses, norms, evals = train_steps(cfg, runtime, loader_for(cfg, 0, 1))
     final = {k: v.detach().clone() for k, v in model.state_dict().items()}
     update = max(float((final[k] - initial[k]).abs().max()) for k in final)
-    return losses, norms, final, update
+    return losses, norms, final, update, evals
 
 
 def run_case(case: Path, ctx: DistContext, references: dict[str, Reference]) -> dict:
     cfg = load_resolved(str(case / "resolved.yaml"))
     plan = Plan.read(case / "plan.json")
-    ref_losses, ref_norms, ref_params, ref_update = reference_for(cfg, references)
+    ref_losses, ref_norms, ref_params, ref_update, ref_evals = reference_for(cfg, references)
 
     start = time.perf_counter()
     runtime = build_runtime(cfg.model, cfg.train, plan, torch.device("cpu"), torch.float32, ctx)
     loader = loader_for(cfg, runtime.dp_rank, runtime.dp_size)
-    losses, norms = [], []
-    for _ in range(cfg.train.steps):
-        out = runtime.train_step(*loader.next_batch())
-        losses.append(float(out.loss))
-        norms.append(float(out.grad_norm))
+    losses, norms, evals = train_steps(cfg, runtime, loader)
 
     # Largest |parallel - single| over the parameters this rank holds, then over ranks.
     state = runtime.stateful_parts()["model"].state_dict()
@@ -110,6 +127,8 @@ def run_case(case: Path, ctx: DistContext, references: dict[str, Reference]) -> 
         "unknown_keys": int(worst[1]),
         "missing_keys": missing,
         "activation_engines": int(engines),
+        "eval_losses": evals,
+        "ref_eval_losses": ref_evals,
         "seconds": time.perf_counter() - start,
     }
 

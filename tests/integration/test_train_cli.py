@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from launch.compose import compose_config
@@ -148,6 +149,8 @@ def odd_token_file() -> Iterator[Path]:
         ),
         (["train", *TINY, "data.path=/nonexistent/tokens.bin"], "data.path: no such token file"),
         (["train", *TINY, "data.path=ODD"], "data.path: /tmp/memplan-odd-tokens.bin is not a flat"),
+        (["train", *TINY, "train.eval_every=1"], "train.eval_every: 1 needs data.val_path"),
+        (["train", *TINY, "data.val_path=ODD"], "data.val_path: /tmp/memplan-odd-tokens.bin is"),
         (["job", *TINY, "PLAN"], "plan.path: plan needs 2 ranks"),
         (["job", "job.scheduler=pbs"], "job.scheduler"),
         (["job", "job.time=tomorrow"], "job.time: 'tomorrow' is not a SLURM time"),
@@ -156,13 +159,34 @@ def odd_token_file() -> Iterator[Path]:
 )
 def test_bad_input_is_exit_2_and_one_line(tmp_path, two_rank_plan, odd_token_file, args, expected):
     args = [f"plan.path={two_rank_plan}" if arg == "PLAN" else arg for arg in args]
-    args = [f"data.path={odd_token_file}" if arg == "data.path=ODD" else arg for arg in args]
+    args = [arg.replace("=ODD", f"={odd_token_file}") for arg in args]
     args += [f"launch.run_dir={tmp_path / 'run'}"] if args[0] == "train" else []
     done = memplan(*args, cwd=tmp_path)
     line = _one_line_error(done)
     assert line.startswith("memplan")
     assert expected in line
     assert list(tmp_path.iterdir()) == []  # refused before writing anything
+
+
+@pytest.mark.integration
+def test_validation_loss_lines_before_the_first_step_and_after_each(tmp_path):
+    """One rank, 3 steps, eval every step: `eval N | loss X.XXXX` for N = 0, 1, 2, 3, each
+    before the next step's metrics line (the val file: 6 windows of 33 bytes, uint16)."""
+    val_path = tmp_path / "val.bin"
+    (np.arange(6 * 33 + 5) % 251).astype(np.uint16).tofile(val_path)
+    run_dir = tmp_path / "run"
+    done = memplan(
+        "train", *TINY, f"data.val_path={val_path}", "train.eval_every=1",
+        f"launch.run_dir={run_dir}", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("eval ", "step "))]
+    assert [line.split(" |")[0] for line in lines] == [
+        "eval 0", "step 1", "eval 1", "step 2", "eval 2", "step 3", "eval 3",
+    ]  # fmt: skip
+    evals = [line for line in lines if line.startswith("eval ")]
+    assert all(re.fullmatch(r"eval \d \| loss \d+\.\d{4}", line) for line in evals), evals
+    assert "eval 3 | loss " in (run_dir / "logs" / "rank0.log").read_text()
 
 
 @pytest.mark.integration
