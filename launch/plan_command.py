@@ -112,6 +112,9 @@ def memory_table(plan: Plan) -> Table:
         format_bytes(budget),
         f"= {format_bytes(m.gpu_total_bytes)} - {format_bytes(m.reserved_bytes)} reserve",
     )
+    host_states = max((r.host_states_bytes for r in plan.ranks), default=0)
+    if host_states:  # layout.state_offload: the GPU's parameters, gradients, optimizer state
+        table.add_row("model states in host RAM", format_bytes(host_states), "per GPU")
     host_budget = m.host_budget_bytes_per_node or 1
     table.add_row(
         "host RAM per node",
@@ -194,7 +197,10 @@ def time_table(plan: Plan) -> Table:
     for name in ("compute", "recompute", "exposed_transfer", "exposed_comm", "bubble", "optimizer"):
         value = f"{getattr(t, f'{name}_seconds'):.4g} s"
         marked = name == "recompute" and note is not None
-        table.add_row(f"  {name.replace('_', ' ')}", f"{value}*" if marked else value)
+        label = name.replace("_", " ")
+        if name == "optimizer" and plan.layout.state_offload == "all":
+            label = "optimizer (on the host CPUs)"
+        table.add_row(f"  {label}", f"{value}*" if marked else value)
     return table
 
 

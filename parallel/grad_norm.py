@@ -45,7 +45,9 @@ def global_grad_norm(
     total = torch.zeros((), device=device, dtype=torch.float32)
     for (mesh_id, dims), grads in groups.items():
         norms = torch._foreach_norm([g.float() for g in grads], 2.0)
-        squares = torch.stack(norms).pow(2).sum()
+        # on the collective's device: offloaded states (FSDP2 CPUOffloadPolicy) keep their
+        # gradient shards in host memory, and NCCL reduces no CPU tensors
+        squares = torch.stack(norms).pow(2).sum().to(device)
         for dim in dims:
             dist.all_reduce(squares, group=meshes[mesh_id].get_group(dim))
         total += squares

@@ -44,7 +44,14 @@ def parallelize(
     apply_layer_policies(model.layers.values(), plan.layers, activation_runtime, layout.sp)
     if layout.zero_stage >= 2:
         extra = ("loss",) if model.is_last else ()
-        apply_fsdp(model, mesh.dp_sp, reshards_after_forward(plan), param_dtype, extra)
+        apply_fsdp(
+            model,
+            mesh.dp_sp,
+            reshards_after_forward(plan),
+            param_dtype,
+            extra,
+            offload_states=layout.state_offload == "all",
+        )
 
 
 def reshards_after_forward(plan: Plan) -> bool:

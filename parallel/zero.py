@@ -11,6 +11,11 @@ an all-reduce of gradients for stages 0 and 1 (stage 1 also shards the optimizer
 | 2     | sharded between steps, kept unsharded from forward to backward; grads sharded |
 | 3     | sharded, re-gathered for backward (reshard_after_forward=True)                |
 
+With the plan's state_offload "all" (ZeRO-2/3), FSDP2's CPUOffloadPolicy keeps the sharded
+parameters, gradients and (through the optimizer built on them) the optimizer state in host
+memory: shards are copied to the device before each all-gather, gradient shards back after
+each reduce-scatter, and the optimizer step runs on the CPU. Pinned memory on CUDA only.
+
 FSDP2 uses bf16 parameters with fp32 gradient reduction on GPU, fp32 throughout on CPU.
 Stages 0/1 keep fp32 parameters and run under bf16 autocast on GPU; the planner does not
 account for that precision, so it proposes them only in fp32 (planner/layouts.py), and a
@@ -25,7 +30,13 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 from torch.distributed.tensor import DTensor
 
 BUCKET_BYTES = 25 * 2**20  # gradient all-reduce bucket (DDP's default size)
@@ -37,22 +48,31 @@ def apply_fsdp(
     reshard_after_forward: bool,
     param_dtype: torch.dtype,
     extra_forward_methods: tuple[str, ...] = (),
+    offload_states: bool = False,
 ) -> None:
     """fully_shard each decoder layer, then the root (embedding, final norm, output).
 
     reshard_after_forward: True for ZeRO-3 (re-gather for backward), False for ZeRO-2.
     extra_forward_methods: root methods that use root parameters outside forward (the loss),
     so FSDP gathers them around those calls too.
+    offload_states: the sharded states in host memory (CPUOffloadPolicy; module doc).
     """
     mp_policy = MixedPrecisionPolicy(
         param_dtype=None if param_dtype == torch.float32 else param_dtype,
         reduce_dtype=torch.float32,
     )
-    for layer in model.layers.values():
+    device_type = mesh.device_type
+    offload = (
+        CPUOffloadPolicy(pin_memory=device_type == "cuda") if offload_states else OffloadPolicy()
+    )
+    for module in [*model.layers.values(), model]:
         fully_shard(
-            layer, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy
+            module,
+            mesh=mesh,
+            reshard_after_forward=reshard_after_forward,
+            mp_policy=mp_policy,
+            offload_policy=offload,
         )
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
     for name in extra_forward_methods:
         register_fsdp_forward_method(model, name)
 

@@ -55,6 +55,9 @@ class Bounds:
     stage_max: float
     rank_max: float
     residue_max: float
+    host_memory: float = 0.0
+    """Host bytes of the most loaded node that no activation policy removes: offloaded
+    model states and checkpoint staging of its GPUs (its lightest rank's share at least)."""
 
 
 def bounds(costs: LayoutCosts, num_layers: int) -> Bounds:
@@ -63,7 +66,8 @@ def bounds(costs: LayoutCosts, num_layers: int) -> Bounds:
     Time: every layer without recompute or exposed transfer, and the integer layer split
     that minimises the slowest stage (and the busiest rank) exactly; the schedule's formula
     with those maxima. Memory: the busiest rank's model states + one layer's activations +
-    the backward working set (module docstring).
+    the backward working set (module docstring). Host: the host-resident states of a node's
+    GPUs, each holding at least its lightest rank's parameters.
     """
     lay = costs.layout
     S, L, G, pp = lay.num_stages, num_layers, lay.num_microbatches, lay.pp
@@ -113,4 +117,9 @@ def bounds(costs: LayoutCosts, num_layers: int) -> Bounds:
     per = costs.grads_bytes_per_param
     memory = states + root + costs.full_layer_bytes
     memory += max(working_set - per * pending for pending, working_set in instants)
-    return Bounds(step + tail / pp, memory, stage_max, rank_max, residue_max)
+    # host RAM: every GPU of a node holds the host-resident states of its rank's parameters;
+    # the lightest rank holds all of them (pp = 1) or at least one layer per local stage
+    lightest = psi if pp == 1 else costs.layer_params * lay.virtual_stages
+    node_gpus = min(costs.gpus_per_node, lay.world_size)
+    host = costs.host_resident_bytes_per_param * lightest * node_gpus
+    return Bounds(step + tail / pp, memory, stage_max, rank_max, residue_max, host)

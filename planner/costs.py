@@ -31,6 +31,12 @@ planner.collective_latency_seconds):
                   0  all-reduce 2 f Psi a at the end of the last backward (overlaps it)
 Host transfers: a layer's offloaded bytes go out during its forward and come back during the
 backward of the layer after it; what does not fit behind that compute is exposed.
+Model states in host RAM (layout.state_offload "all", FSDP2 CPUOffloadPolicy at ZeRO-2/3):
+    the device holds no states; the host 16 Psi / Nd per GPU (host_states); each all-gather
+    first copies the unit's fp32 shard to the device (4 Psi / Nd over the host link, in series
+    with the gather; the copy is working set), each reduce-scatter's fp32 gradient shard goes
+    back; the optimizer step runs on the node's CPUs, which serve its GPUs one after another:
+    Psi / Nd x gpus_per_node / cluster.host_adam_gparams_per_second, exposed.
 
 Transient working set on a rank (beyond the states and the in-flight saved activations),
 each term checked against torch's MemTracker / FSDPMemTracker tracing the runtime at real
@@ -207,6 +213,8 @@ class LayoutCosts:
     buffers between steps."""
     staging_bytes_per_param: float
     """Checkpoint staging (params + optimizer shard) on the host per parameter, or 0."""
+    host_state_bytes_per_param: float
+    """Model states kept in host memory per parameter (layout.state_offload), or 0."""
     optimizer_seconds_per_param: float
     zero_overlapped_seconds_per_param: float
     """ZeRO-0/1 end-of-step gradient traffic that overlaps the last backward."""
@@ -274,6 +282,12 @@ class LayoutCosts:
     @property
     def states_per_param(self) -> StateBytesPerParam:
         return StateBytesPerParam.of(self.dtype)
+
+    @property
+    def host_resident_bytes_per_param(self) -> float:
+        """Host bytes per parameter whatever the activation policy: offloaded model states
+        and checkpoint staging."""
+        return self.host_state_bytes_per_param + self.staging_bytes_per_param
 
     def model_states(self, num_params: int, sizes: list[int] | None = None) -> ModelStateBytes:
         """Model states of `num_params` parameters held by one GPU of this layout, as its
@@ -587,6 +601,16 @@ class _Zero:
     a: int
     link: float
     latency: float
+    host_link: float = 0.0
+    """With model states offloaded (FSDP2 CPUOffloadPolicy), the host link every fp32 shard
+    crosses: host-to-device before each all-gather, gradients device-to-host after each
+    reduce-scatter, in the same streams (so in series with them); 0: not offloaded."""
+
+    def host_copy(self, params: int) -> float:
+        """Seconds of one fp32 shard copy of `params` parameters over the host link."""
+        if not self.host_link:
+            return 0.0
+        return FP32_BYTES * params / self.shard_ranks / self.host_link
 
     @property
     def fraction(self) -> float:
@@ -600,11 +624,12 @@ class _Zero:
     def exposed(self, params: int, fwd_s: float, bwd_s: float) -> float:
         """ZeRO-2/3 communication of `params` not hidden behind fwd_s / bwd_s of compute."""
         f = self.fraction
+        copy = self.host_copy(params)
         if self.stage == 3:
             gather = f * params * self.a / self.link + self.latency
-            return max(0.0, gather - fwd_s) + max(0.0, 2 * gather - bwd_s)
+            return max(0.0, gather + copy - fwd_s) + max(0.0, 2 * gather + 2 * copy - bwd_s)
         if self.stage == 2:
-            return max(0.0, f * params * self.a / self.link + self.latency - bwd_s)
+            return max(0.0, f * params * self.a / self.link + self.latency + copy - bwd_s)
         return 0.0
 
     def overlapped_per_param(self) -> float:
@@ -615,6 +640,11 @@ class _Zero:
     def exposed_end_per_param(self) -> float:
         """Parameter all-gather bytes per parameter after the optimizer step (ZeRO-1/2)."""
         return self.fraction * self.a if self.stage in (1, 2) else 0.0
+
+    def exposed_end_host_seconds_per_param(self) -> float:
+        """ZeRO-2 with offloaded states: the updated shards' host-to-device copy before the
+        next all-gather, exposed like that all-gather."""
+        return self.host_copy(1) if self.stage == 2 else 0.0
 
 
 def _stage_extras(
@@ -713,11 +743,22 @@ def backend_states(layout: Layout, dtype: str, num_params: int) -> ModelStateByt
     count them, otherwise the ZeRO paper's table (torch's ZeRO-0/1, DeepSpeed in fp32 or at
     ZeRO-0/1); torch's ZeRO-1 owner partition is LayoutCosts.model_states's."""
     shard = layout.dp * layout.sp
+    if layout.state_offload == "all":
+        return ModelStateBytes(params=0, grads=0, optimizer=0)  # all in host memory
     if fsdp2_sharded(layout):
         return fsdp2_state_bytes(num_params, shard)
     if deepspeed_estimated(layout, dtype):
         return deepspeed_state_bytes(num_params, shard, layout.zero_stage)
     return model_state_bytes(num_params, shard, layout.zero_stage, dtype)
+
+
+def host_states(layout: Layout, num_params: int) -> ModelStateBytes:
+    """Model states of `num_params` parameters in one GPU's host memory: FSDP2's sharded
+    fp32 parameters, gradients and Adam moments under CPUOffloadPolicy (state_offload all);
+    nothing otherwise."""
+    if layout.state_offload == "all":
+        return fsdp2_state_bytes(num_params, layout.dp * layout.sp)
+    return ModelStateBytes(params=0, grads=0, optimizer=0)
 
 
 def _deepspeed_layer_transient(stage: int, psi: int, a: int, counts: ParamCounts) -> float:
@@ -761,7 +802,15 @@ def layout_costs(
     rank = _Rank.of(model, rates, a, layout, train.seq_len)
     links = _Links.of(rank, layout, rates, planner.collective_latency_seconds, gpn)
     layer = _layer(rank, links)
-    zero = _Zero(layout.zero_stage, layout.dp * layout.sp, a, links.zero, links.latency)
+    offloaded = layout.state_offload == "all"
+    zero = _Zero(
+        layout.zero_stage,
+        layout.dp * layout.sp,
+        a,
+        links.zero,
+        links.latency,
+        host_link=rates.host_link if offloaded else 0.0,
+    )
     rope = outside_layers_bytes(
         model, rank.micro_batch, rank.seq_local, a, first_stage=False, last_stage=False
     )
@@ -770,6 +819,7 @@ def layout_costs(
     fsdp2 = fsdp2_sharded(layout)
     # one parameter per shard: the backend's exact bytes per parameter after sharding
     unit = backend_states(layout, dtype, zero.shard_ranks)
+    host = host_states(layout, zero.shard_ranks)
     sharded_params = unit.params / zero.shard_ranks
     sharded_optimizer = unit.optimizer / zero.shard_ranks
     grads_per_param = unit.grads / zero.shard_ranks
@@ -804,10 +854,23 @@ def layout_costs(
         grads_follow_backward=(
             layout.zero_backend == "fsdp2" and layout.pp == 1 and layout.num_microbatches == 1
         ),
-        staging_bytes_per_param=sharded_params + sharded_optimizer if checkpointing else 0.0,
-        optimizer_seconds_per_param=rank.memory_s(ADAM_BYTES_PER_PARAM * zero.shard(1)),
+        # the snapshot copies the fp32 parameters and optimizer state wherever they live
+        staging_bytes_per_param=(
+            (host.params + host.optimizer) / zero.shard_ranks + sharded_params + sharded_optimizer
+            if checkpointing
+            else 0.0
+        ),
+        host_state_bytes_per_param=host.total / zero.shard_ranks,
+        optimizer_seconds_per_param=(
+            # the node's CPUs run the step of its GPUs' shards (cluster.host_adam_*)
+            zero.shard(1) * gpn / (cluster.host_adam_gparams_per_second * 1e9)
+            if offloaded
+            else rank.memory_s(ADAM_BYTES_PER_PARAM * zero.shard(1))
+        ),
         zero_overlapped_seconds_per_param=zero.overlapped_per_param() / zero.link,
-        zero_exposed_end_seconds_per_param=zero.exposed_end_per_param() / zero.link,
+        zero_exposed_end_seconds_per_param=(
+            zero.exposed_end_per_param() / zero.link + zero.exposed_end_host_seconds_per_param()
+        ),
         layer_zero_exposed_seconds=zero.exposed(psi, layer.forward_seconds, layer.backward_seconds),
         first=first,
         last=last,
@@ -824,6 +887,8 @@ def layout_costs(
             # DeepSpeed: two gathered layers and
             # one unsharded gradient (ZeRO-3), one unsharded gradient (ZeRO-2)
             ((2 if zero.shard_ranks > 1 else 1) * psi * a if zero.stage == 3 else 0)
+            # offloaded: the fp32 shard copied to the device for the all-gather
+            + (FP32_BYTES * psi / zero.shard_ranks if offloaded else 0.0)
             if fsdp2
             else _deepspeed_layer_transient(zero.stage, psi, a, rank.counts)
         ),

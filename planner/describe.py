@@ -13,5 +13,6 @@ def layout_summary(plan: Plan) -> str:
         schedule += f", {lay.virtual_stages} stages per rank"
     return (
         f"dp{lay.dp} tp{lay.tp} pp{lay.pp} sp{lay.sp} | ZeRO-{lay.zero_stage} "
-        f"({lay.zero_backend}) | {schedule}"
+        f"({lay.zero_backend}{', states in host RAM' if lay.state_offload == 'all' else ''})"
+        f" | {schedule}"
     )

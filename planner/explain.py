@@ -3,9 +3,10 @@
 The binding constraint is found by solving the MILP of the most promising layouts with the
 budget in question dropped and its use minimised instead ("needs X GiB per GPU at best").
 The suggested changes are verified by re-running a feasibility search on the changed config:
-more GPUs (doubling cluster.num_nodes; for a command that runs on one node only, such as
-memplan train, doubling cluster.gpus_per_node up to MAX_GPUS_PER_NODE instead), a shorter
-sequence (bisection on train.seq_len) and, when host RAM binds, the host RAM that suffices.
+model states in host RAM (when the search did not consider them), more GPUs (doubling
+cluster.num_nodes; for a command that runs on one node only, such as memplan train, doubling
+cluster.gpus_per_node up to MAX_GPUS_PER_NODE instead), a shorter sequence (bisection on
+train.seq_len) and, when host RAM binds, the host RAM that suffices.
 Every probe ends by the explanation's deadline (EXPLAIN_SECONDS).
 """
 
@@ -17,6 +18,7 @@ import time
 
 from configs.errors import ConfigError
 from configs.schema import Config
+from planner.layouts import state_offload_enabled
 from planner.search import SearchOutcome, layout_candidates, minimum_use, probe
 from planner.units import GIB
 
@@ -55,6 +57,16 @@ def _more_gpus(cfg: Config, deadline: float, single_node: bool) -> str | None:
         if _feasible(changed, deadline):
             gpus = changed.cluster.world_size
             return f"{gpus} GPUs (cluster.{key}={have * factor})"
+    return None
+
+
+def _state_offload(cfg: Config, deadline: float) -> str | None:
+    """Model states in host RAM, when the search did not consider them (planner.state_offload
+    off, or auto on a cpu cluster, where the host is the device's own memory)."""
+    if cfg.cluster.device != "cuda" or state_offload_enabled(cfg.cluster, cfg.planner):
+        return None
+    if _feasible(_with(cfg, planner={"state_offload": "on"}), deadline):
+        return "model states in host RAM (planner.state_offload=on)"
     return None
 
 
@@ -117,7 +129,11 @@ def explain_infeasible(cfg: Config, outcome: SearchOutcome, single_node: bool = 
             f"{host_budget / GIB:.1f} GiB (cluster.host_memory_gib={have:g} minus reserve)"
         )
         suggestions.append(f"cluster.host_memory_gib>={needed_gib}")
-    found = [_more_gpus(cfg, deadline, single_node), _shorter_sequence(cfg, deadline)]
+    found = [
+        _state_offload(cfg, deadline),
+        _more_gpus(cfg, deadline, single_node),
+        _shorter_sequence(cfg, deadline),
+    ]
     suggestions += [text for text in found if text]
     if suggestions:
         return f"{head}; feasible with {' or '.join(suggestions)}"

@@ -15,6 +15,9 @@ and the runtime checks the same rules through these functions: parallel/dims.py)
   num_microbatches to be a multiple of pp.
 - zero_backend "deepspeed" only with tp = pp = sp = 1; otherwise "fsdp2".
 - a plan's layers: no full recomputation under DeepSpeed ZeRO-3 (plan_problems).
+- state_offload "all" (model states in host memory) only with zero_backend "fsdp2" at
+  ZeRO-2/3 (FSDP2's CPUOffloadPolicy); the search proposes it beside every such layout when
+  planner.state_offload allows (state_offload_enabled).
 The search proposes, in addition: in bf16 with zero_backend "fsdp2", ZeRO-2/3 only (one
 rank: ZeRO-3, FSDP2 on a one-rank mesh). FSDP2 computes in bf16 from fp32 shards, which is
 the planner's accounting (2 + 2 + 12 bytes of states per parameter, bf16 activations); the
@@ -160,12 +163,30 @@ def schedule_problems(layout: Layout) -> list[Problem]:
 
 
 def backend_problems(layout: Layout) -> list[Problem]:
-    """zero_backend "deepspeed" only with tp = pp = sp = 1."""
+    """zero_backend "deepspeed" only with tp = pp = sp = 1; state_offload "all" only with
+    FSDP2 at ZeRO-2/3."""
     tp, pp, sp = layout.tp, layout.pp, layout.sp
+    problems = []
+    if layout.state_offload != "none" and not (
+        layout.zero_backend == "fsdp2" and layout.zero_stage >= 2
+    ):
+        message = (
+            f"{layout.state_offload} runs under zero_backend=fsdp2 with zero_stage 2 or 3"
+            f" (FSDP2's CPUOffloadPolicy), not {layout.zero_backend} ZeRO-{layout.zero_stage}"
+        )
+        problems.append(Problem("layout.state_offload", message, f"state_offload={message}"))
     if layout.zero_backend != "deepspeed" or (tp, pp, sp) == (1, 1, 1):
-        return []
+        return problems
     message = f"deepspeed needs tp=pp=sp=1, got tp={tp} pp={pp} sp={sp}"
-    return [Problem("layout.zero_backend", message, f"zero_backend={message}")]
+    return [*problems, Problem("layout.zero_backend", message, f"zero_backend={message}")]
+
+
+def state_offload_enabled(cluster: ClusterConfig, planner: PlannerConfig) -> bool:
+    """planner.state_offload, where auto means on for cuda clusters only (on a cpu cluster
+    the host and the "device" are the same memory)."""
+    if planner.state_offload == "auto":
+        return cluster.device == "cuda"
+    return planner.state_offload == "on"
 
 
 def plan_problems(plan: Plan) -> list[Problem]:
@@ -259,6 +280,7 @@ def enumerate_layouts(
     nothing, so only one is listed (_zero_stages)."""
     world = cluster.world_size
     bf16 = training_dtype(cluster, train) == "bf16"
+    offloads = ["none", "all"] if state_offload_enabled(cluster, planner) else ["none"]
     layouts = []
     for tp in _degrees(world, planner.tp):
         if tp > cluster.gpus_per_node or any(
@@ -298,9 +320,12 @@ def enumerate_layouts(
                                 pp_schedule=schedule,
                                 zero_backend=backend,
                                 virtual_stages=v,
+                                state_offload=offload,
                             )
                             for backend in backends
                             for zero in _zero_stages(planner.zero_stages, backend, bf16, dp * sp)
+                            for offload in offloads
+                            if offload == "none" or (backend == "fsdp2" and zero >= 2)
                         )
     return layouts
 

@@ -191,6 +191,7 @@ def predict_stage_memory(plan: Plan, cfg: Config) -> list[PipelineRankMemory]:
             for vec in stages.inflight[p]
         )
         staging = round(costs.staging_bytes_per_param * psi)
+        host_states = round(costs.host_state_bytes_per_param * psi)
         peak = states.total - grads_pending + act + buffers + transient
         result.append(
             PipelineRankMemory(
@@ -206,6 +207,7 @@ def predict_stage_memory(plan: Plan, cfg: Config) -> list[PipelineRankMemory]:
                 peak_bytes=round(peak),
                 host_bytes=round(host_peak),
                 staging_bytes=staging,
+                host_states_bytes=host_states,
                 grads_pending_bytes=round(grads_pending),
             )
         )
@@ -291,11 +293,15 @@ def backward_instants(
 
 
 def predict_host_bytes_per_node(plan: Plan, cfg: Config, ranks: list[PipelineRankMemory]) -> int:
-    """Host RAM of the most loaded node: offloaded activations + checkpoint staging of its
-    GPUs (mesh order pp, dp, sp, tp: a node holds consecutive ranks)."""
+    """Host RAM of the most loaded node: offloaded activations, offloaded model states and
+    checkpoint staging of its GPUs (mesh order pp, dp, sp, tp: a node holds consecutive
+    ranks)."""
     stages = StageMap.of(plan.layout, cfg.cluster.gpus_per_node)
     return max(
-        sum(count * (ranks[p].host_bytes + ranks[p].staging_bytes) for p, count in enumerate(gpus))
+        sum(
+            count * (ranks[p].host_bytes + ranks[p].host_states_bytes + ranks[p].staging_bytes)
+            for p, count in enumerate(gpus)
+        )
         for gpus in stages.node_gpus
     )
 

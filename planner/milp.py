@@ -489,7 +489,8 @@ class LayoutMilp:
     def _add_host_memory_rows(self) -> None:
         costs, stages, host = self.costs, self.stages, self.host_gib
         # [Constraint] host RAM: host[p] >= offloaded bytes of every in-flight vector of rank p,
-        #   and per node: sum over its GPUs of (host + checkpoint staging) <= host budget
+        #   and per node: sum over its GPUs of (host + offloaded model states + checkpoint
+        #   staging) <= host budget
         for p, chunk_list in enumerate(stages.rank_stages):
             for k, vec in enumerate(stages.inflight[p]):
                 offloaded = pulp.lpSum(
@@ -507,7 +508,7 @@ class LayoutMilp:
         host_budget = (costs.host_budget_bytes - ROUNDING_MARGIN_BYTES - rounding) / UNIT
         for k, gpus in enumerate(stages.node_gpus):
             node = pulp.lpSum(
-                count * (host[p] + costs.staging_bytes_per_param / UNIT * self.rank_params(p))
+                count * (host[p] + costs.host_resident_bytes_per_param / UNIT * self.rank_params(p))
                 for p, count in enumerate(gpus)
                 if count
             )

@@ -35,6 +35,7 @@ PipelineSchedule = Literal[
     "none", "gpipe", "1f1b", "interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble"
 ]
 ZeroBackend = Literal["fsdp2", "deepspeed"]
+StateOffload = Literal["none", "all"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,11 @@ class Layout:
     zero_backend: ZeroBackend
     virtual_stages: int = 1
     """Pipeline stages per pp rank (> 1 only for interleaved and ZBV schedules)."""
+    state_offload: StateOffload = "none"
+    """Model states in host memory: "all" keeps the sharded fp32 parameters, gradients and
+    optimizer state on the host and runs the optimizer step there (FSDP2's
+    CPUOffloadPolicy, ZeRO-2/3): the device holds only the gathered compute-dtype
+    parameters of the units in use; "none" keeps everything on the device."""
 
     def __post_init__(self) -> None:
         batches = ("micro_batch_size", "num_microbatches", "virtual_stages")
@@ -194,6 +200,8 @@ class PipelineRankMemory:
     """Offloaded activation bytes of one GPU of this rank at its peak (host RAM)."""
     staging_bytes: int = 0
     """Host bytes for the asynchronous checkpoint snapshot of this GPU's states."""
+    host_states_bytes: int = 0
+    """Model states of this GPU kept in host memory (layout.state_offload)."""
     grads_pending_bytes: int = 0
     """Gradients not produced yet at the peak (steps whose gradients appear during their one
     backward): peak = params + grads + optimizer + activations + other - this."""

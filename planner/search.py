@@ -5,6 +5,8 @@
 2. Cheap bounds per layout, in closed form from the cost coefficients:
    - a memory lower bound (model states averaged over pipeline ranks + the smallest
      transient working set + one layer's activations): above the GPU budget -> pruned;
+   - a host lower bound (model states kept in host RAM and checkpoint staging of a node's
+     GPUs): above the host budget -> pruned;
    - a step-time lower bound (no recompute, no exposed transfer, the integer layer split
      that best balances the stages, the schedule's bubble at that split); planner/bounds.py.
 3. Solve the MILPs in order of their time bound, each with the best step time so far
@@ -150,7 +152,12 @@ def search(
     solver = solver_name(cfg.planner.solver)
     num_layers = cfg.model.num_layers
     candidates = layout_candidates(cfg)
-    fits = [c for c in candidates if c.memory_bound <= c.costs.budget_bytes]
+    fits = [
+        c
+        for c in candidates
+        if c.memory_bound <= c.costs.budget_bytes
+        and c.bounds.host_memory <= c.costs.host_budget_bytes
+    ]
     if first_feasible:  # a feasibility probe: the layouts most likely to fit first
         fits.sort(key=lambda c: c.memory_bound)
         fits = fits[:FEASIBILITY_TRIES]

@@ -35,11 +35,17 @@ class ClusterConfig:
     """Collective bus bandwidth per accelerator inside a node (NVLink)."""
     inter_node_gbps: float = 1.0
     """Collective bus bandwidth per accelerator across nodes (InfiniBand/RoCE)."""
+    host_adam_gparams_per_second: float = 0.6
+    """AdamW throughput of one node's CPUs, in 1e9 parameters per second, shared by its
+    accelerators' processes (the optimizer step of offloaded model states runs there).
+    Default: torch's fused CPU AdamW on one core of this project's CI machine (fp32, 10.9M
+    parameters in 16.5 ms: BENCHMARKS.md)."""
 
     def __post_init__(self) -> None:
         check_bounds(self, "cluster", ("num_nodes", "gpus_per_node"), at_least=1)
         memories = ("gpu_memory_gib", "host_memory_gib")
         rates = ("peak_tflops", "hbm_bandwidth_gbps", "host_to_device_gbps")
+        rates += ("host_adam_gparams_per_second",)
         links = ("intra_node_gbps", "inter_node_gbps")
         check_bounds(self, "cluster", (*memories, *rates, *links), above=0)
 

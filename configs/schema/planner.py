@@ -51,6 +51,11 @@ class PlannerConfig:
     offload: Literal["auto", "on", "off"] = "auto"
     """Activation offload to host RAM: auto = on for cuda clusters, off for cpu (where the
     host and the "device" are the same memory)."""
+    state_offload: Literal["auto", "on", "off"] = "auto"
+    """Whether the search may keep model states (sharded parameters, gradients, optimizer
+    state) in host RAM with the optimizer step on the CPU (FSDP2 ZeRO-2/3): auto = on for
+    cuda clusters, off for cpu. The plan offloads only where that is faster than every plan
+    without it, i.e. where nothing else fits."""
 
     # --- time model ----------------------------------------------------------------------
     matmul_efficiency: float = 0.7

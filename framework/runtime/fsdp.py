@@ -84,6 +84,7 @@ class ParallelRuntime:
         self.autocast_dtype = torch.float32 if fsdp else dtype
         activation_dtype = dtype if fsdp else torch.float32
 
+        self.states_device = torch.device("cpu") if layout.state_offload == "all" else device
         stages = stage_layers(plan)
         pp_rank = mesh.pp.get_local_rank()
         self.activation_runtime = ActivationRuntime()
@@ -94,7 +95,12 @@ class ParallelRuntime:
                     model_cfg, stage, layout.num_stages, stages[stage], train_cfg.loss_chunk_tokens
                 )
             parallelize(model, mesh, plan, dtype, self.activation_runtime)
-            model.to_empty(device=device)
+            # offloaded states: FSDP2 keeps the sharded parameters in host memory, the
+            # buffers (RoPE frequencies) on the device
+            model.to_empty(device=self.states_device)
+            for module in model.modules():
+                for name, buffer in module.named_buffers(recurse=False):
+                    module._buffers[name] = buffer.to(device)
             initialize_weights(model, model_cfg, train_cfg.seed)
             self.modules.append(model)
         # host slabs for offloaded activations, allocated now: one per layer and micro-batch
@@ -147,7 +153,7 @@ class ParallelRuntime:
                     p for p, owner in zip(params, owners, strict=True) if owner == me
                 )
                 self.after_update.append(OwnerBroadcast(params, owners, dp_sp_group))
-            self.optimizers.append(build_optimizer([optimized], train_cfg, device))
+            self.optimizers.append(build_optimizer([optimized], train_cfg, self.states_device))
         self.schedulers = [build_lr_scheduler(opt, train_cfg) for opt in self.optimizers]
         # The tied copy's gradient equals the embedding's after the sum: count it once.
         self.norm_params = [

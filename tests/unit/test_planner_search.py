@@ -18,6 +18,7 @@ from planner.memory import predict_stage_memory
 from planner.plan import Plan
 from planner.search import minimum_use
 from planner.timing import predict_step_time
+from planner.units import GIB
 
 MEMO = [
     "model=llama2_7b",
@@ -152,7 +153,8 @@ def test_pipeline_plan_assigns_contiguous_stages():
 
 
 def test_gpu_memory_binding_message():
-    cfg = compose_config(["model=llama3_70b", "cluster=h100_1x"])
+    # without model states in host RAM (planner.state_offload=off)
+    cfg = compose_config(["model=llama3_70b", "cluster=h100_1x", "planner.state_offload=off"])
     with pytest.raises(NoFeasiblePlan) as caught:
         make_plan(cfg)
     message = str(caught.value)
@@ -161,6 +163,18 @@ def test_gpu_memory_binding_message():
     # 70B x 16 bytes of states need 14 budgets of 74.5 GiB; doubling nodes from 1 gives 16
     found = re.search(r"feasible with (\d+) GPUs \(cluster\.num_nodes=(\d+)\)", message)
     assert found and found[1] == found[2] and int(found[1]) in (16, 32), message
+
+
+def test_offloaded_states_bind_host_memory_message():
+    # with them, the GPU fits one layer at a time and the 16 B per parameter bind host RAM
+    cfg = compose_config(["model=llama3_70b", "cluster=h100_1x"])
+    with pytest.raises(NoFeasiblePlan) as caught:
+        make_plan(cfg)
+    message = str(caught.value)
+    assert message.startswith("host RAM binds: needs "), message
+    needed = float(message.split("needs ")[1].split(" GiB")[0])
+    assert needed * GIB >= 16 * 70.5e9  # the offloaded states alone
+    assert "cluster.host_memory_gib>=" in message
 
 
 def test_a_search_that_ends_without_a_solution_falls_back_to_a_feasibility_probe(monkeypatch):
