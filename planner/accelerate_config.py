@@ -7,7 +7,8 @@ Two kinds, as accelerate has them:
   ZeRO-2 (parameters stay gathered from a layer's forward to its backward);
   fsdp_activation_checkpointing checkpoints every transformer layer,
   fsdp_activation_checkpointing_offload keeps their inputs in host memory;
-  fsdp_offload_params false (memplan does not model model-state offload yet);
+  fsdp_offload_params = the plan's state_offload (FSDP2's CPUOffloadPolicy: parameters,
+  gradients and optimizer state in host RAM, the step on the CPU);
   mixed_precision bf16 or no. fsdp_version 1's fsdp_sharding_strategy is read too
   (FULL_SHARD = ZeRO-3, SHARD_GRAD_OP = ZeRO-2, NO_SHARD = ZeRO-0).
 - DEEPSPEED with deepspeed_config_file: the DeepSpeed JSON holds everything (ZeRO stage,
@@ -64,7 +65,7 @@ def accelerate_config(
         "fsdp_activation_checkpointing": settings.checkpointing,
         "fsdp_activation_checkpointing_offload": settings.checkpointing
         and settings.host_layer_inputs,
-        "fsdp_offload_params": False,
+        "fsdp_offload_params": settings.state_offload,
         "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # the model's _no_split_modules
         "fsdp_state_dict_type": "SHARDED_STATE_DICT",
         "fsdp_cpu_ram_efficient_loading": False,
@@ -144,10 +145,11 @@ def fsdp_settings(
                 KEY, f"{where}: fsdp_config.fsdp_sharding_strategy={strategy!r}; allowed: {allowed}"
             )
         zero = FSDP_STRATEGIES[strategy]
-    if _bool(fsdp, "fsdp_offload_params", False, where):
+    state_offload = _bool(fsdp, "fsdp_offload_params", False, where)
+    if state_offload and zero < 2:
         raise ConfigError(
-            KEY, f"{where}: fsdp_config.fsdp_offload_params=true; memplan does not model "
-            "model-state offload yet; allowed: false",
+            KEY, f"{where}: fsdp_config.fsdp_offload_params=true with NO_SHARD; memplan models"
+            " FSDP's model-state offload at ZeRO-2/3 (SHARD_GRAD_OP, FULL_SHARD); allowed: false",
         )  # fmt: skip
     checkpointing = _bool(fsdp, "fsdp_activation_checkpointing", False, where)
     host = _bool(fsdp, "fsdp_activation_checkpointing_offload", False, where)
@@ -164,6 +166,7 @@ def fsdp_settings(
         dtype=dtype,
         checkpointing=checkpointing,
         host_layer_inputs=checkpointing and host,
+        state_offload=state_offload,
         notes=tuple(notes),
     )
 

@@ -49,6 +49,8 @@ class TargetSettings:
     """Every layer checkpointed (full recomputation) or none."""
     host_layer_inputs: bool = False
     """Checkpointed layer inputs kept in host memory."""
+    state_offload: bool = False
+    """Model states in host RAM (FSDP's fsdp_offload_params; FSDP2 at ZeRO-2/3 only)."""
     notes: tuple[str, ...] = ()
     """What was mapped or assumed, one line each."""
 
@@ -57,6 +59,8 @@ class TargetSettings:
         checkpoint = "every layer checkpointed" if self.checkpointing else "no checkpointing"
         if self.checkpointing and self.host_layer_inputs:
             checkpoint += " (inputs on the host)"
+        if self.state_offload:
+            checkpoint += ", model states in host RAM"
         return (
             f"ZeRO-{self.zero_stage}, {self.micro_batch_size} seq x {self.num_microbatches} "
             f"accumulation x {world} GPUs = {self.global_batch_size} sequences, {self.dtype}, "
@@ -84,6 +88,7 @@ def settings_layout(settings: TargetSettings, world: int) -> Layout:
         num_microbatches=settings.num_microbatches,
         pp_schedule="none",
         zero_backend=settings.zero_backend,
+        state_offload="all" if settings.state_offload else "none",
     )
 
 
@@ -201,6 +206,14 @@ def nearest_settings(plan: Plan, cfg: Config, kind: str, backend: ZeroBackend) -
     if any(layer.anchor_offload_fraction or layer.offload_fraction for layer in plan.layers):
         # the plan offloads activations: checkpointed layer inputs on the host is the nearest
         candidates.append(dataclasses.replace(base, checkpointing=True, host_layer_inputs=True))
+    if lay.state_offload == "all":
+        if backend == "fsdp2":  # the plan's states live in host RAM: so may the target's
+            candidates += [dataclasses.replace(s, state_offload=True) for s in candidates]
+        else:
+            notes.append(
+                "model states in host RAM -> on the device (memplan runs DeepSpeed without"
+                " offload_optimizer / offload_param)"
+            )
     evaluated = [(equivalent_plan(cfg, s), s) for s in candidates]
     fitting = [(p, s) for p, s in evaluated if fits(p)]
     if fitting:

@@ -18,6 +18,7 @@ from launch.compose import compose_config
 from launch.export_command import export_files
 from launch.import_command import import_settings, rewrite_import
 from planner.deepspeed_config import deepspeed_config
+from planner.make import make_plan
 from planner.memory import predict_stage_memory
 from planner.plan import LayerPlan
 from planner.targets import equivalent_plan, fits, nearest_settings, settings_config
@@ -295,3 +296,27 @@ def test_import_keyword_is_rewritten_to_the_schema_key() -> None:
         "plan.import_from=a.json",
         "model=tiny",
     ]
+
+
+def test_a_plan_with_states_in_host_ram_exports_and_imports_as_fsdp_offload_params(tmp_path):
+    one_a800 = ["model=llama2_13b", "cluster=a800_8x", "cluster.gpus_per_node=1",
+                "train.seq_len=4096", "train.global_batch_size=8",
+                "train.micro_batch_size=1"]  # fmt: skip
+    cfg = compose_config([*one_a800, "export.format=accelerate"])
+    plan = make_plan(cfg, explain=False)
+    assert plan.layout.state_offload == "all"
+    settings = nearest_settings(plan, cfg, "accelerate FSDP2", "fsdp2")
+    assert settings.state_offload
+    exported = equivalent_plan(cfg, settings)
+    assert fits(exported) and exported.layout.state_offload == "all"
+    out = tmp_path / "accelerate.yaml"
+    out.write_text(export_files(cfg, settings, exported, out)[out])
+    assert read_accelerate(out).fsdp_config["fsdp_offload_params"] is True
+    imported = import_settings(cfg, str(out))
+    assert imported.state_offload
+    again = equivalent_plan(cfg, imported)
+    assert again.memory.host_bytes_per_node == exported.memory.host_bytes_per_node
+    # DeepSpeed: memplan runs it without offload, so the export says where the states go
+    deepspeed = nearest_settings(plan, cfg, "DeepSpeed", "deepspeed")
+    assert not deepspeed.state_offload
+    assert any("model states in host RAM -> on the device" in n for n in deepspeed.notes)
