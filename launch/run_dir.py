@@ -45,12 +45,14 @@ def pin_paths(cfg: Config, run_dir: Path) -> Config:
     they may start in another directory, and a restarted or requeued job must find the same
     checkpoints (checkpoint.dir defaults to <run dir>/checkpoints)."""
     run_dir = run_dir.resolve()
-    data_path = str(Path(cfg.data.path).resolve()) if cfg.data.path else None
-    hf_config = str(Path(cfg.model.hf_config).resolve()) if cfg.model.hf_config else None
+
+    def absolute(path: str | None) -> str | None:
+        return str(Path(path).resolve()) if path else None
+
     return replace(
         cfg,
-        model=replace(cfg.model, hf_config=hf_config),
-        data=replace(cfg.data, path=data_path),
+        model=replace(cfg.model, hf_config=absolute(cfg.model.hf_config)),
+        data=replace(cfg.data, path=absolute(cfg.data.path), val_path=absolute(cfg.data.val_path)),
         checkpoint=replace(cfg.checkpoint, dir=str(checkpoint_dir(cfg, run_dir))),
         launch=replace(cfg.launch, run_dir=str(run_dir)),
     )

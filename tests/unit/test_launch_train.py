@@ -96,6 +96,10 @@ def test_pin_paths_keeps_absolute_paths_and_resolves_relative_ones(tmp_path, mon
     assert pinned.checkpoint.dir == str(tmp_path / "rel" / "ckpt")
     assert pinned.launch.run_dir == str(tmp_path / "r")
     assert pinned.data.path is None  # the embedded corpus stays the embedded corpus
+    files = compose_config(["data.path=tokens.bin", "data.val_path=val/tokens.bin"])
+    pinned = pin_paths(files, Path("r"))  # workers and requeued jobs start elsewhere
+    assert pinned.data.path == str(tmp_path / "tokens.bin")
+    assert pinned.data.val_path == str(tmp_path / "val" / "tokens.bin")
 
 
 def test_unwritable_run_dir_is_a_config_error_with_the_real_reason(tmp_path):
