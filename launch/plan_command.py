@@ -198,7 +198,7 @@ def time_table(plan: Plan) -> Table:
         value = f"{getattr(t, f'{name}_seconds'):.4g} s"
         marked = name == "recompute" and note is not None
         label = name.replace("_", " ")
-        if name == "optimizer" and plan.layout.state_offload == "all":
+        if name == "optimizer" and plan.layout.state_offload != "none":
             label = "optimizer (on the host CPUs)"
         table.add_row(f"  {label}", f"{value}*" if marked else value)
     return table

@@ -182,12 +182,17 @@ def inline_deepspeed_settings(
         raise ConfigError(
             KEY, f"{where}: deepspeed_config.zero_stage={stage!r}; allowed: 0, 1, 2, 3"
         )
-    for part in ("offload_optimizer_device", "offload_param_device"):
-        if ds.get(part, "none") not in ("none", None):
-            raise ConfigError(
-                KEY, f"{where}: deepspeed_config.{part}={ds[part]!r}; memplan does not model "
-                "model-state offload yet; allowed: none",
-            )  # fmt: skip
+    if ds.get("offload_param_device", "none") not in ("none", None):
+        raise ConfigError(
+            KEY, f"{where}: deepspeed_config.offload_param_device="
+            f"{ds['offload_param_device']!r}; memplan models offload_optimizer only; allowed: none",
+        )  # fmt: skip
+    optimizer_device = ds.get("offload_optimizer_device", "none")
+    if optimizer_device not in ("none", None, "cpu") or (optimizer_device == "cpu" and stage < 2):
+        raise ConfigError(
+            KEY, f"{where}: deepspeed_config.offload_optimizer_device={optimizer_device!r} at"
+            f" zero_stage {stage}; allowed: none, or cpu with zero_stage 2 or 3",
+        )  # fmt: skip
     accum = ds.get("gradient_accumulation_steps", 1)
     if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
         raise ConfigError(
@@ -208,6 +213,7 @@ def inline_deepspeed_settings(
         global_batch_size=micro * accum * world,
         dtype=dtype,
         checkpointing=False,
+        state_offload=optimizer_device == "cpu",
         notes=tuple(notes),
     )
 

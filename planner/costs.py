@@ -37,6 +37,12 @@ Model states in host RAM (layout.state_offload "all", FSDP2 CPUOffloadPolicy at 
     with the gather; the copy is working set), each reduce-scatter's fp32 gradient shard goes
     back; the optimizer step runs on the node's CPUs, which serve its GPUs one after another:
     Psi / Nd x gpus_per_node / cluster.host_adam_gparams_per_second, exposed.
+DeepSpeed's offload_optimizer (layout.state_offload "optimizer", ZeRO-2/3): the device keeps
+    the compute-dtype parameters (2 Psi; ZeRO-3 2 Psi / Nd), as DeepSpeed's estimators with
+    cpu_offload=True count them; the host 16 Psi / Nd (ZeRO-3: 20, a flat fp32 gradient
+    buffer beside the partitions' gradients; ZeRO-2: + one fp32 gradient staging buffer of
+    the largest tensor), measured; the gradient partition goes to the host during backward,
+    the updated partition comes back after the host step (exposed).
 
 Transient working set on a rank (beyond the states and the in-flight saved activations),
 each term checked against torch's MemTracker / FSDPMemTracker tracing the runtime at real
@@ -83,6 +89,7 @@ from planner.params import (
     ModelStateBytes,
     ParamCounts,
     StateBytesPerParam,
+    deepspeed_offload_state_bytes,
     deepspeed_state_bytes,
     fsdp2_state_bytes,
     model_state_bytes,
@@ -215,6 +222,8 @@ class LayoutCosts:
     """Checkpoint staging (params + optimizer shard) on the host per parameter, or 0."""
     host_state_bytes_per_param: float
     """Model states kept in host memory per parameter (layout.state_offload), or 0."""
+    host_state_constant_bytes: float
+    """Host buffers of offloaded states that do not scale with a rank's parameters, per GPU."""
     optimizer_seconds_per_param: float
     zero_overlapped_seconds_per_param: float
     """ZeRO-0/1 end-of-step gradient traffic that overlaps the last backward."""
@@ -602,15 +611,22 @@ class _Zero:
     link: float
     latency: float
     host_link: float = 0.0
-    """With model states offloaded (FSDP2 CPUOffloadPolicy), the host link every fp32 shard
-    crosses: host-to-device before each all-gather, gradients device-to-host after each
-    reduce-scatter, in the same streams (so in series with them); 0: not offloaded."""
+    """With model states offloaded, the host link every shard crosses (0: not offloaded):
+    FSDP2 (state_offload all) copies the fp32 shard host-to-device before each all-gather
+    and the fp32 gradient shard back after each reduce-scatter, in the same streams (so in
+    series with them); DeepSpeed (state_offload optimizer) copies its gradient partition to
+    the host during backward and the updated partition back after the host step."""
+    host_copy_bytes: int = FP32_BYTES
+    """Bytes per parameter of one shard copy (fp32 for FSDP2, the compute dtype for
+    DeepSpeed)."""
+    params_on_host: bool = False
+    """FSDP2: the parameter shards live on the host, so every all-gather copies one in."""
 
     def host_copy(self, params: int) -> float:
-        """Seconds of one fp32 shard copy of `params` parameters over the host link."""
+        """Seconds of one shard copy of `params` parameters over the host link."""
         if not self.host_link:
             return 0.0
-        return FP32_BYTES * params / self.shard_ranks / self.host_link
+        return self.host_copy_bytes * params / self.shard_ranks / self.host_link
 
     @property
     def fraction(self) -> float:
@@ -624,10 +640,13 @@ class _Zero:
     def exposed(self, params: int, fwd_s: float, bwd_s: float) -> float:
         """ZeRO-2/3 communication of `params` not hidden behind fwd_s / bwd_s of compute."""
         f = self.fraction
-        copy = self.host_copy(params)
+        copy = self.host_copy(params)  # the gradient's, in backward
+        copy_in = copy if self.params_on_host else 0.0  # the parameters', per all-gather
         if self.stage == 3:
             gather = f * params * self.a / self.link + self.latency
-            return max(0.0, gather + copy - fwd_s) + max(0.0, 2 * gather + 2 * copy - bwd_s)
+            return max(0.0, gather + copy_in - fwd_s) + max(
+                0.0, 2 * gather + copy_in + copy - bwd_s
+            )
         if self.stage == 2:
             return max(0.0, f * params * self.a / self.link + self.latency + copy - bwd_s)
         return 0.0
@@ -642,9 +661,12 @@ class _Zero:
         return self.fraction * self.a if self.stage in (1, 2) else 0.0
 
     def exposed_end_host_seconds_per_param(self) -> float:
-        """ZeRO-2 with offloaded states: the updated shards' host-to-device copy before the
-        next all-gather, exposed like that all-gather."""
-        return self.host_copy(1) if self.stage == 2 else 0.0
+        """Offloaded states: the updated shards' host-to-device copy after the host step
+        (DeepSpeed; FSDP2 ZeRO-2, before its next all-gather), exposed like that all-gather
+        (FSDP2 ZeRO-3 copies its shards in per all-gather instead: exposed())."""
+        if self.params_on_host and self.stage == 3:
+            return 0.0
+        return self.host_copy(1)
 
 
 def _stage_extras(
@@ -745,6 +767,10 @@ def backend_states(layout: Layout, dtype: str, num_params: int) -> ModelStateByt
     shard = layout.dp * layout.sp
     if layout.state_offload == "all":
         return ModelStateBytes(params=0, grads=0, optimizer=0)  # all in host memory
+    if layout.state_offload == "optimizer":
+        return deepspeed_offload_state_bytes(
+            num_params, shard, layout.zero_stage, dtype_bytes(dtype)
+        )
     if fsdp2_sharded(layout):
         return fsdp2_state_bytes(num_params, shard)
     if deepspeed_estimated(layout, dtype):
@@ -755,9 +781,16 @@ def backend_states(layout: Layout, dtype: str, num_params: int) -> ModelStateByt
 def host_states(layout: Layout, num_params: int) -> ModelStateBytes:
     """Model states of `num_params` parameters in one GPU's host memory: FSDP2's sharded
     fp32 parameters, gradients and Adam moments under CPUOffloadPolicy (state_offload all);
-    nothing otherwise."""
-    if layout.state_offload == "all":
-        return fsdp2_state_bytes(num_params, layout.dp * layout.sp)
+    DeepSpeed's fp32 master partition, Adam moments and fp32 gradient partition under
+    offload_optimizer (state_offload optimizer), 16 bytes per parameter of the shard too, and
+    at ZeRO-3 its flat fp32 gradient buffer beside the partitions' gradients (4 more;
+    measured: tests/distributed/test_state_offload.py); nothing otherwise."""
+    shard = layout.dp * layout.sp
+    if layout.state_offload == "optimizer" and layout.zero_stage == 3:
+        states = fsdp2_state_bytes(num_params, shard)
+        return dataclasses.replace(states, grads=2 * states.grads)
+    if layout.state_offload != "none":
+        return fsdp2_state_bytes(num_params, shard)
     return ModelStateBytes(params=0, grads=0, optimizer=0)
 
 
@@ -802,7 +835,7 @@ def layout_costs(
     rank = _Rank.of(model, rates, a, layout, train.seq_len)
     links = _Links.of(rank, layout, rates, planner.collective_latency_seconds, gpn)
     layer = _layer(rank, links)
-    offloaded = layout.state_offload == "all"
+    offloaded = layout.state_offload != "none"
     zero = _Zero(
         layout.zero_stage,
         layout.dp * layout.sp,
@@ -810,6 +843,8 @@ def layout_costs(
         links.zero,
         links.latency,
         host_link=rates.host_link if offloaded else 0.0,
+        host_copy_bytes=FP32_BYTES if layout.state_offload == "all" else a,
+        params_on_host=layout.state_offload == "all",
     )
     rope = outside_layers_bytes(
         model, rank.micro_batch, rank.seq_local, a, first_stage=False, last_stage=False
@@ -861,6 +896,12 @@ def layout_costs(
             else 0.0
         ),
         host_state_bytes_per_param=host.total / zero.shard_ranks,
+        # DeepSpeed ZeRO-2's fp32 staging buffer of one gradient for the host copy
+        host_state_constant_bytes=(
+            FP32_BYTES * max(parameter_sizes(model, 1, model.num_layers, True, True))
+            if layout.state_offload == "optimizer" and layout.zero_stage == 2
+            else 0.0
+        ),
         optimizer_seconds_per_param=(
             # the node's CPUs run the step of its GPUs' shards (cluster.host_adam_*)
             zero.shard(1) * gpn / (cluster.host_adam_gparams_per_second * 1e9)
@@ -887,8 +928,8 @@ def layout_costs(
             # DeepSpeed: two gathered layers and
             # one unsharded gradient (ZeRO-3), one unsharded gradient (ZeRO-2)
             ((2 if zero.shard_ranks > 1 else 1) * psi * a if zero.stage == 3 else 0)
-            # offloaded: the fp32 shard copied to the device for the all-gather
-            + (FP32_BYTES * psi / zero.shard_ranks if offloaded else 0.0)
+            # FSDP2 offloaded: the fp32 shard copied to the device for the all-gather
+            + (FP32_BYTES * psi / zero.shard_ranks if zero.params_on_host else 0.0)
             if fsdp2
             else _deepspeed_layer_transient(zero.stage, psi, a, rank.counts)
         ),

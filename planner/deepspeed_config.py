@@ -71,6 +71,13 @@ def deepspeed_config(
     if all(layer.recompute == "full" for layer in plan.layers):
         host_inputs = all(layer.anchor_offload_fraction == 1.0 for layer in plan.layers)
         config["activation_checkpointing"] = activation_checkpointing_section(host_inputs)
+    if layout.state_offload == "optimizer":
+        # ZeRO-Offload: master weights, moments and the gradient partition in host RAM, the
+        # step on the CPU (pinned host memory needs CUDA: set by the runtime on CPU hosts)
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        # the client optimizer (torch's AdamW, fused on the CPU) instead of DeepSpeedCPUAdam:
+        # the same update as without offload
+        config["zero_force_ds_cpu_optimizer"] = False
     return config
 
 
@@ -161,15 +168,24 @@ def deepspeed_settings(
     stage = zero.get("stage", 0)
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise ConfigError(key, f"{where}: zero_optimization.stage={stage!r}; allowed: 0, 1, 2, 3")
+    devices = {}
     for part in ("offload_optimizer", "offload_param"):
         section = zero.get(part)
-        device = section.get("device", "none") if isinstance(section, dict) else section
-        if device not in (None, "none"):
-            raise ConfigError(
-                key,
-                f"{where}: zero_optimization.{part}.device={device!r}; memplan does not model "
-                "model-state offload yet; allowed: none",
-            )
+        devices[part] = section.get("device", "none") if isinstance(section, dict) else section
+    param_device, optimizer_device = devices["offload_param"], devices["offload_optimizer"]
+    if param_device not in (None, "none"):
+        raise ConfigError(
+            key,
+            f"{where}: zero_optimization.offload_param.device={param_device!r}; memplan models"
+            " offload_optimizer only (ZeRO-Infinity's parameter offload not yet); allowed: none",
+        )
+    if optimizer_device not in (None, "none", "cpu") or (optimizer_device == "cpu" and stage < 2):
+        raise ConfigError(
+            key,
+            f"{where}: zero_optimization.offload_optimizer.device={optimizer_device!r} at"
+            f" stage {stage}; memplan models offload_optimizer to the cpu at stage 2 or 3;"
+            " allowed: none, or cpu with stage 2 or 3",
+        )
     micro, accum, total = batch_sizes(data, where, world, global_batch, micro_batch)
     fp16 = _enabled(data, "fp16", where, auto=False)
     bf16 = _enabled(data, "bf16", where, auto=bf16_default)
@@ -185,6 +201,7 @@ def deepspeed_settings(
         notes.append("fp16 is evaluated as bf16 (the same bytes per value)")
     return TargetSettings(
         kind="DeepSpeed",
+        state_offload=optimizer_device == "cpu",
         zero_stage=stage,
         zero_backend="deepspeed",
         micro_batch_size=micro,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from planner.plan import Plan
 
+_OFFLOADED = {"all": ", states in host RAM", "optimizer": ", optimizer state in host RAM"}
+
 
 def layout_summary(plan: Plan) -> str:
     """'dp2 tp1 pp2 sp1 | ZeRO-1 (fsdp2) | 1f1b, 2 stages per rank'."""
@@ -13,6 +15,6 @@ def layout_summary(plan: Plan) -> str:
         schedule += f", {lay.virtual_stages} stages per rank"
     return (
         f"dp{lay.dp} tp{lay.tp} pp{lay.pp} sp{lay.sp} | ZeRO-{lay.zero_stage} "
-        f"({lay.zero_backend}{', states in host RAM' if lay.state_offload == 'all' else ''})"
+        f"({lay.zero_backend}{_OFFLOADED.get(lay.state_offload, '')})"
         f" | {schedule}"
     )

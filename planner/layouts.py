@@ -16,7 +16,8 @@ and the runtime checks the same rules through these functions: parallel/dims.py)
 - zero_backend "deepspeed" only with tp = pp = sp = 1; otherwise "fsdp2".
 - a plan's layers: no full recomputation under DeepSpeed ZeRO-3 (plan_problems).
 - state_offload "all" (model states in host memory) only with zero_backend "fsdp2" at
-  ZeRO-2/3 (FSDP2's CPUOffloadPolicy); the search proposes it beside every such layout when
+  ZeRO-2/3 (FSDP2's CPUOffloadPolicy), "optimizer" only with "deepspeed" at ZeRO-2/3
+  (offload_optimizer); the search proposes them beside every such layout when
   planner.state_offload allows (state_offload_enabled).
 The search proposes, in addition: in bf16 with zero_backend "fsdp2", ZeRO-2/3 only (one
 rank: ZeRO-3, FSDP2 on a one-rank mesh). FSDP2 computes in bf16 from fp32 shards, which is
@@ -167,18 +168,23 @@ def backend_problems(layout: Layout) -> list[Problem]:
     FSDP2 at ZeRO-2/3."""
     tp, pp, sp = layout.tp, layout.pp, layout.sp
     problems = []
-    if layout.state_offload != "none" and not (
-        layout.zero_backend == "fsdp2" and layout.zero_stage >= 2
-    ):
+    offload = layout.state_offload
+    runs_on = STATE_OFFLOAD_BACKEND.get(offload)
+    if runs_on and not (layout.zero_backend == runs_on and layout.zero_stage >= 2):
+        how = "FSDP2's CPUOffloadPolicy" if runs_on == "fsdp2" else "DeepSpeed's offload_optimizer"
         message = (
-            f"{layout.state_offload} runs under zero_backend=fsdp2 with zero_stage 2 or 3"
-            f" (FSDP2's CPUOffloadPolicy), not {layout.zero_backend} ZeRO-{layout.zero_stage}"
+            f"{offload} runs under zero_backend={runs_on} with zero_stage 2 or 3 ({how}), not"
+            f" {layout.zero_backend} ZeRO-{layout.zero_stage}"
         )
         problems.append(Problem("layout.state_offload", message, f"state_offload={message}"))
     if layout.zero_backend != "deepspeed" or (tp, pp, sp) == (1, 1, 1):
         return problems
     message = f"deepspeed needs tp=pp=sp=1, got tp={tp} pp={pp} sp={sp}"
     return [*problems, Problem("layout.zero_backend", message, f"zero_backend={message}")]
+
+
+STATE_OFFLOAD_BACKEND = {"all": "fsdp2", "optimizer": "deepspeed"}
+"""Which backend runs each kind of model-state offload (at ZeRO-2/3)."""
 
 
 def state_offload_enabled(cluster: ClusterConfig, planner: PlannerConfig) -> bool:
@@ -280,7 +286,7 @@ def enumerate_layouts(
     nothing, so only one is listed (_zero_stages)."""
     world = cluster.world_size
     bf16 = training_dtype(cluster, train) == "bf16"
-    offloads = ["none", "all"] if state_offload_enabled(cluster, planner) else ["none"]
+    offloads = ["none", "all", "optimizer"] if state_offload_enabled(cluster, planner) else ["none"]
     layouts = []
     for tp in _degrees(world, planner.tp):
         if tp > cluster.gpus_per_node or any(
@@ -323,17 +329,25 @@ def enumerate_layouts(
                                 state_offload=offload,
                             )
                             for backend in backends
-                            for zero in _zero_stages(planner.zero_stages, backend, bf16, dp * sp)
                             for offload in offloads
-                            if offload == "none" or (backend == "fsdp2" and zero >= 2)
+                            if offload == "none" or backend == STATE_OFFLOAD_BACKEND[offload]
+                            for zero in _zero_stages(
+                                planner.zero_stages, backend, bf16, dp * sp, offload != "none"
+                            )
                         )
     return layouts
 
 
-def _zero_stages(allowed: tuple[int, ...], backend: str, bf16: bool, shard_ranks: int) -> list[int]:
+def _zero_stages(
+    allowed: tuple[int, ...], backend: str, bf16: bool, shard_ranks: int, offload: bool = False
+) -> list[int]:
     """The ZeRO stages to try (module doc): one for a single rank (nothing to shard), and in
-    bf16 with FSDP2 only the stages whose mixed precision the planner accounts for."""
+    bf16 with FSDP2 only the stages whose mixed precision the planner accounts for; with
+    model states offloaded, ZeRO-2 and 3 (the stages both backends offload at; they differ
+    on one rank too, in how long the gathered parameters live)."""
     stages = sorted(set(allowed))
+    if offload:  # on one rank too: ZeRO-2 keeps gathered what ZeRO-3 re-gathers
+        return [z for z in stages if z >= 2]
     if bf16 and backend == "fsdp2":
         stages = [z for z in stages if z >= 2]
         return stages[-1:] if shard_ranks == 1 else stages

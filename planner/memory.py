@@ -191,7 +191,9 @@ def predict_stage_memory(plan: Plan, cfg: Config) -> list[PipelineRankMemory]:
             for vec in stages.inflight[p]
         )
         staging = round(costs.staging_bytes_per_param * psi)
-        host_states = round(costs.host_state_bytes_per_param * psi)
+        host_states = round(
+            costs.host_state_bytes_per_param * psi + costs.host_state_constant_bytes
+        )
         peak = states.total - grads_pending + act + buffers + transient
         result.append(
             PipelineRankMemory(

@@ -508,7 +508,12 @@ class LayoutMilp:
         host_budget = (costs.host_budget_bytes - ROUNDING_MARGIN_BYTES - rounding) / UNIT
         for k, gpus in enumerate(stages.node_gpus):
             node = pulp.lpSum(
-                count * (host[p] + costs.host_resident_bytes_per_param / UNIT * self.rank_params(p))
+                count
+                * (
+                    host[p]
+                    + costs.host_resident_bytes_per_param / UNIT * self.rank_params(p)
+                    + costs.host_state_constant_bytes / UNIT
+                )
                 for p, count in enumerate(gpus)
                 if count
             )

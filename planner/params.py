@@ -94,6 +94,23 @@ def fsdp2_state_bytes(num_params: int, shard_ranks: int) -> ModelStateBytes:
     return ModelStateBytes(params=4 * shard, grads=4 * shard, optimizer=8 * shard)
 
 
+def deepspeed_offload_state_bytes(
+    num_params: int, shard_ranks: int, zero_stage: int, dtype_bytes: int
+) -> ModelStateBytes:
+    """Model states of `num_params` parameters left on the GPU by DeepSpeed's
+    offload_optimizer, as its estimators with cpu_offload=True count them: the compute-dtype
+    parameters (2 Psi in bf16), ZeRO-3 their shard (2 Psi / Nd); gradients and optimizer
+    state live on the host (16 Psi / Nd: fp32 master, m, v, fp32 gradient partition)."""
+    whole = dtype_bytes * num_params
+    if zero_stage == 2:
+        return ModelStateBytes(params=whole, grads=0, optimizer=0)
+    if zero_stage == 3:
+        return ModelStateBytes(
+            params=dtype_bytes * _shard(num_params, shard_ranks), grads=0, optimizer=0
+        )
+    raise ValueError(f"zero_stage={zero_stage}; DeepSpeed offloads the optimizer at 2 and 3")
+
+
 def deepspeed_state_bytes(num_params: int, shard_ranks: int, zero_stage: int) -> ModelStateBytes:
     """Model states of `num_params` parameters under DeepSpeed ZeRO-2/3 in bf16 as DeepSpeed's
     own estimators count them (estimate_zero2/3_model_states_mem_needs: 2 Psi + 18 Psi / Nd

@@ -35,7 +35,7 @@ PipelineSchedule = Literal[
     "none", "gpipe", "1f1b", "interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble"
 ]
 ZeroBackend = Literal["fsdp2", "deepspeed"]
-StateOffload = Literal["none", "all"]
+StateOffload = Literal["none", "optimizer", "all"]
 
 
 @dataclass(frozen=True)
@@ -88,10 +88,12 @@ class Layout:
     virtual_stages: int = 1
     """Pipeline stages per pp rank (> 1 only for interleaved and ZBV schedules)."""
     state_offload: StateOffload = "none"
-    """Model states in host memory: "all" keeps the sharded fp32 parameters, gradients and
-    optimizer state on the host and runs the optimizer step there (FSDP2's
-    CPUOffloadPolicy, ZeRO-2/3): the device holds only the gathered compute-dtype
-    parameters of the units in use; "none" keeps everything on the device."""
+    """Model states in host memory, the optimizer step on the host CPUs. "all" (FSDP2
+    ZeRO-2/3, CPUOffloadPolicy): the sharded fp32 parameters, gradients and optimizer state;
+    the device holds only the gathered compute-dtype parameters of the units in use.
+    "optimizer" (DeepSpeed ZeRO-2/3, offload_optimizer): the fp32 master weights, Adam's
+    moments and the fp32 gradient partition; the device keeps the bf16 parameters (ZeRO-3:
+    their shard). "none" keeps everything on the device."""
 
     def __post_init__(self) -> None:
         batches = ("micro_batch_size", "num_microbatches", "virtual_stages")

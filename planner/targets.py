@@ -50,7 +50,9 @@ class TargetSettings:
     host_layer_inputs: bool = False
     """Checkpointed layer inputs kept in host memory."""
     state_offload: bool = False
-    """Model states in host RAM (FSDP's fsdp_offload_params; FSDP2 at ZeRO-2/3 only)."""
+    """Model states in host RAM at ZeRO-2/3: FSDP's fsdp_offload_params (parameters,
+    gradients, optimizer state), DeepSpeed's offload_optimizer (optimizer state and master
+    weights)."""
     notes: tuple[str, ...] = ()
     """What was mapped or assumed, one line each."""
 
@@ -88,7 +90,11 @@ def settings_layout(settings: TargetSettings, world: int) -> Layout:
         num_microbatches=settings.num_microbatches,
         pp_schedule="none",
         zero_backend=settings.zero_backend,
-        state_offload="all" if settings.state_offload else "none",
+        state_offload=(
+            ("all" if settings.zero_backend == "fsdp2" else "optimizer")
+            if settings.state_offload
+            else "none"
+        ),
     )
 
 
@@ -206,14 +212,11 @@ def nearest_settings(plan: Plan, cfg: Config, kind: str, backend: ZeroBackend) -
     if any(layer.anchor_offload_fraction or layer.offload_fraction for layer in plan.layers):
         # the plan offloads activations: checkpointed layer inputs on the host is the nearest
         candidates.append(dataclasses.replace(base, checkpointing=True, host_layer_inputs=True))
-    if lay.state_offload == "all":
-        if backend == "fsdp2":  # the plan's states live in host RAM: so may the target's
+    if lay.state_offload != "none":
+        if zero >= 2:  # the plan's states live in host RAM: so may the target's
             candidates += [dataclasses.replace(s, state_offload=True) for s in candidates]
         else:
-            notes.append(
-                "model states in host RAM -> on the device (memplan runs DeepSpeed without"
-                " offload_optimizer / offload_param)"
-            )
+            notes.append(f"model states in host RAM -> on the device (ZeRO-{zero} offloads none)")
     evaluated = [(equivalent_plan(cfg, s), s) for s in candidates]
     fitting = [(p, s) for p, s in evaluated if fits(p)]
     if fitting:

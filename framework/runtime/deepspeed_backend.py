@@ -114,18 +114,32 @@ class DeepSpeedRuntime:
         if layout.zero_stage == 3:
             # The loss reads the output weight outside its module's forward.
             deepspeed.zero.register_external_parameter(module, model.output_weight())
-        optimizer = build_optimizer([model], train_cfg, device)
+        # offloaded optimizer state: the step runs on the host's fp32 partitions
+        offloaded = layout.state_offload == "optimizer"
+        optimizer = build_optimizer(
+            [model], train_cfg, torch.device("cpu") if offloaded else device
+        )
         self.scheduler = build_lr_scheduler(optimizer, train_cfg)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module,
             optimizer=optimizer,
             lr_scheduler=self.scheduler,
-            config=deepspeed_config(
-                plan, train_cfg.grad_clip, dtype == torch.bfloat16, not self.clip_here
-            ),
+            config=self._config(plan, train_cfg, dtype, device),
         )
         self.model = model
         self.names = {id(p): name for name, p in model.named_parameters()}
+
+    def _config(
+        self, plan: Plan, train_cfg: TrainConfig, dtype: torch.dtype, device: torch.device
+    ) -> dict[str, Any]:
+        """planner/deepspeed_config.py's config; host memory is pinned only beside a GPU."""
+        config = deepspeed_config(
+            plan, train_cfg.grad_clip, dtype == torch.bfloat16, not self.clip_here
+        )
+        offload = config["zero_optimization"].get("offload_optimizer")
+        if offload is not None and device.type != "cuda":
+            offload["pin_memory"] = False
+        return config
 
     def train_step(self, inputs: Tensor, targets: Tensor) -> StepOutput:
         return run_train_step(self, self.pre_update_hooks, inputs, targets)

@@ -1,9 +1,10 @@
-"""Model states in host memory (layout.state_offload=all: FSDP2's CPUOffloadPolicy, the
-optimizer step on the CPU) train the same model: dp2 ZeRO-2 and ZeRO-3 with offloaded states
-give the losses of the same layouts without (fp32, relative difference <= 1e-6 over eight
-steps), and a run resumed from an asynchronous checkpoint of offloaded state continues
-bitwise; the host bytes the runtime allocates for the offloaded states are the plan's
-(within 3%). One torchrun (2 ranks) runs the training cases through tests/distributed/
+"""Model states in host memory train the same model: dp2 FSDP2 ZeRO-2 and ZeRO-3 with
+layout.state_offload=all (CPUOffloadPolicy, the optimizer step on the CPU) give the losses of
+the same layouts without, and so do DeepSpeed ZeRO-2/3 with state_offload=optimizer
+(offload_optimizer) against DeepSpeed ZeRO-2 (fp32, relative difference <= 1e-6 over eight
+steps); runs resumed from an asynchronous checkpoint of offloaded state continue bitwise;
+the host bytes the runtime allocates for the offloaded states are the plan's (within 3%).
+One torchrun (2 ranks) runs the training cases through tests/distributed/
 test_checkpoint_layouts.py's worker; this file is the worker of the host-bytes measurement:
 
     python -m torch.distributed.run --nproc-per-node=2 THIS_FILE OUT_JSON
@@ -20,11 +21,52 @@ from pathlib import Path
 MEASURED = ["model=tiny", "cluster.gpus_per_node=2", "train.global_batch_size=4"]
 
 
-def measure_host_states(out_path: str) -> None:
-    """Bytes of this rank's parameter shards, gradient shards and optimizer state after a
-    step and a backward (every one of them on the CPU), beside the plan's prediction."""
+MEASURED_LAYOUTS = {
+    "fsdp2_zero3_all": {"zero_stage": 3, "state_offload": "all"},
+    "deepspeed_zero2_optimizer": {
+        "zero_stage": 2, "zero_backend": "deepspeed", "state_offload": "optimizer",
+    },
+    "deepspeed_zero3_optimizer": {
+        "zero_stage": 3, "zero_backend": "deepspeed", "state_offload": "optimizer",
+    },
+}  # fmt: skip
+
+
+def _host_tensors(runtime) -> list:
+    """Every host tensor holding offloaded model states of this rank after a step and a
+    backward: FSDP2's parameter and gradient shards and optimizer state; DeepSpeed's fp32
+    partitions, their gradients, its optimizer state and its host gradient buffers."""
     import torch
     from torch.distributed.tensor import DTensor
+
+    def local(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+    if hasattr(runtime, "engine"):  # DeepSpeed's optimizer keeps the host copies
+        zero = runtime.optimizer
+        masters = [
+            *getattr(zero, "single_partition_of_fp32_groups", []),
+            *getattr(zero, "fp32_partitioned_groups_flat", []),
+        ]
+        tensors = [*masters, *(m.grad for m in masters if m.grad is not None)]
+        for name in ("temp_grad_buffer_for_cpu_offload", "grad_partitions_flat_buffer"):
+            buffer = getattr(zero, name, None)
+            if isinstance(buffer, torch.Tensor):
+                tensors.append(buffer)
+        optimizers = [zero.optimizer]
+    else:
+        params = runtime.parameters()
+        tensors = [local(p) for p in params] + [local(p.grad) for p in params if p.grad is not None]
+        optimizers = runtime.optimizers
+    for optimizer in optimizers:
+        for state in optimizer.state.values():
+            tensors += [local(v) for k, v in state.items() if k != "step"]  # step: a scalar
+    return tensors
+
+
+def measure_host_states(out_path: str) -> None:
+    """Host bytes of the offloaded model states per layout, beside the plan's prediction."""
+    import torch
 
     from framework.components.distributed import init_distributed, shutdown_distributed
     from framework.runtime.build import build_runtime
@@ -35,26 +77,21 @@ def measure_host_states(out_path: str) -> None:
     cfg = compose_config(MEASURED)
     device = torch.device("cpu")
     context = init_distributed(device)
-    plan = manual_plan(cfg, micro_batch_size=2, dp=2, zero_stage=3, state_offload="all")
-    runtime = build_runtime(cfg.model, cfg.train, plan, device, torch.float32, context)
-    tokens = torch.randint(0, cfg.model.vocab_size, (2, cfg.train.seq_len + 1))
-    runtime.train_step(tokens[:, :-1], tokens[:, 1:])  # optimizer state exists from here
-    runtime.forward_backward(tokens[:, :-1], tokens[:, 1:])  # and the gradient shards
-
-    def local(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-    tensors = [local(p) for p in runtime.parameters()]
-    tensors += [local(p.grad) for p in runtime.parameters() if p.grad is not None]
-    for optimizer in runtime.optimizers:
-        for state in optimizer.state.values():
-            tensors += [local(v) for k, v in state.items() if k != "step"]  # step: a scalar
-    assert all(t.device.type == "cpu" for t in tensors)
-    measured = sum(t.numel() * t.element_size() for t in tensors)
-    predicted = predict_stage_memory(plan, cfg)[0].host_states_bytes
+    results = {}
+    for name, layout in MEASURED_LAYOUTS.items():
+        plan = manual_plan(cfg, micro_batch_size=2, dp=2, **layout)
+        runtime = build_runtime(cfg.model, cfg.train, plan, device, torch.float32, context)
+        tokens = torch.randint(0, cfg.model.vocab_size, (2, cfg.train.seq_len + 1))
+        runtime.train_step(tokens[:, :-1], tokens[:, 1:])  # optimizer state exists from here
+        runtime.forward_backward(tokens[:, :-1], tokens[:, 1:])  # and the gradients
+        tensors = _host_tensors(runtime)
+        assert tensors and all(t.device.type == "cpu" for t in tensors), name
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        predicted = predict_stage_memory(plan, cfg)[0].host_states_bytes
+        results[name] = {"measured": sum(storages.values()), "predicted": predicted}
+        runtime.close()
     if torch.distributed.get_rank() == 0:
-        Path(out_path).write_text(json.dumps({"measured": measured, "predicted": predicted}))
-    runtime.close()
+        Path(out_path).write_text(json.dumps(results))
     shutdown_distributed()
 
 
@@ -74,14 +111,22 @@ CASES = {
     "zero3": {"zero_stage": 3},
     "zero3_offloaded": {"zero_stage": 3, "state_offload": "all"},
     "zero2_offloaded": {"zero_stage": 2, "state_offload": "all"},
-}
+    "deepspeed_zero2": {"zero_stage": 2, "zero_backend": "deepspeed"},
+    "deepspeed_zero2_offloaded": {
+        "zero_stage": 2, "zero_backend": "deepspeed", "state_offload": "optimizer",
+    },
+    "deepspeed_zero3_offloaded": {
+        "zero_stage": 3, "zero_backend": "deepspeed", "state_offload": "optimizer",
+    },
+}  # fmt: skip
+RESUMED = ("zero3_offloaded", "deepspeed_zero3_offloaded")
 
 
 def _run_dir(path: Path, layout: dict) -> Path:
     cfg = compose_config([*checkpoint_layouts.OVERRIDES, "cluster.gpus_per_node=2"])
     path.mkdir(parents=True)
     (path / "resolved.yaml").write_text(dump_resolved(cfg))
-    plan = manual_plan(cfg, micro_batch_size=2, dp=2, zero_backend="fsdp2", **layout)
+    plan = manual_plan(cfg, micro_batch_size=2, dp=2, **layout)
     plan.write(path / "plan.json")
     return path
 
@@ -92,14 +137,15 @@ def test_offloaded_states_train_the_same_model_and_resume_exactly(tmp_path):
         {"name": name, "run_dir": str(_run_dir(tmp_path / name, layout))}
         for name, layout in CASES.items()
     ]
-    cases.append(
-        {
-            "name": "zero3_offloaded_resumed",
-            "run_dir": str(_run_dir(tmp_path / "resumed", CASES["zero3_offloaded"])),
-            "resume_from": str(tmp_path / "zero3_offloaded"),
-            "resume_step": 4,
-        }
-    )
+    for name in RESUMED:
+        cases.append(
+            {
+                "name": f"{name}_resumed",
+                "run_dir": str(_run_dir(tmp_path / f"{name}_resumed", CASES[name])),
+                "resume_from": str(tmp_path / name),
+                "resume_step": 4,
+            }
+        )
     spec, out = tmp_path / "spec.json", tmp_path / "out.json"
     spec.write_text(json.dumps(cases))
     repo = Path(__file__).resolve().parents[2]
@@ -111,14 +157,18 @@ def test_offloaded_states_train_the_same_model_and_resume_exactly(tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = {name: r["losses"] for name, r in json.loads(out.read_text()).items()}
-    reference = results["zero3"]
-    assert len(reference) == checkpoint_layouts.STEPS
-    for name in ("zero3_offloaded", "zero2_offloaded"):
-        assert results[name] == pytest.approx(reference, rel=1e-6, abs=0), name
-    resumed = results["zero3_offloaded_resumed"]
-    straight = results["zero3_offloaded"]
-    assert resumed == {step: straight[step] for step in resumed}  # bitwise
-    assert sorted(int(step) for step in resumed) == list(range(5, checkpoint_layouts.STEPS + 1))
+    for reference, offloaded in (
+        ("zero3", ("zero3_offloaded", "zero2_offloaded")),
+        ("deepspeed_zero2", ("deepspeed_zero2_offloaded", "deepspeed_zero3_offloaded")),
+    ):
+        assert len(results[reference]) == checkpoint_layouts.STEPS
+        for name in offloaded:
+            assert results[name] == pytest.approx(results[reference], rel=1e-6, abs=0), name
+    for name in RESUMED:
+        resumed, straight = results[f"{name}_resumed"], results[name]
+        assert resumed == {step: straight[step] for step in resumed}, name  # bitwise
+        steps = sorted(int(step) for step in resumed)
+        assert steps == list(range(5, checkpoint_layouts.STEPS + 1)), name
 
 
 def test_host_bytes_of_offloaded_states_are_the_plans(tmp_path):
@@ -131,6 +181,8 @@ def test_host_bytes_of_offloaded_states_are_the_plans(tmp_path):
         env={**os.environ, "PYTHONPATH": str(repo)}, cwd=repo,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert result["predicted"] > 0
-    assert result["measured"] == pytest.approx(result["predicted"], rel=0.03), result
+    results = json.loads(out.read_text())
+    assert set(results) == set(MEASURED_LAYOUTS)
+    for name, result in results.items():
+        assert result["predicted"] > 0, name
+        assert result["measured"] == pytest.approx(result["predicted"], rel=0.03), (name, result)

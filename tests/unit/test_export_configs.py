@@ -298,7 +298,7 @@ def test_import_keyword_is_rewritten_to_the_schema_key() -> None:
     ]
 
 
-def test_a_plan_with_states_in_host_ram_exports_and_imports_as_fsdp_offload_params(tmp_path):
+def test_a_plan_with_states_in_host_ram_exports_and_imports_with_offload(tmp_path):
     one_a800 = ["model=llama2_13b", "cluster=a800_8x", "cluster.gpus_per_node=1",
                 "train.seq_len=4096", "train.global_batch_size=8",
                 "train.micro_batch_size=1"]  # fmt: skip
@@ -316,7 +316,14 @@ def test_a_plan_with_states_in_host_ram_exports_and_imports_as_fsdp_offload_para
     assert imported.state_offload
     again = equivalent_plan(cfg, imported)
     assert again.memory.host_bytes_per_node == exported.memory.host_bytes_per_node
-    # DeepSpeed: memplan runs it without offload, so the export says where the states go
-    deepspeed = nearest_settings(plan, cfg, "DeepSpeed", "deepspeed")
-    assert not deepspeed.state_offload
-    assert any("model states in host RAM -> on the device" in n for n in deepspeed.notes)
+    # DeepSpeed: offload_optimizer, which DeepSpeed's own config class reads back
+    ds_cfg = compose_config([*one_a800, "export.format=deepspeed"])
+    deepspeed = nearest_settings(plan, ds_cfg, "DeepSpeed", "deepspeed")
+    assert deepspeed.state_offload and deepspeed.zero_stage >= 2
+    ds_plan = equivalent_plan(ds_cfg, deepspeed)
+    assert ds_plan.layout.state_offload == "optimizer" and fits(ds_plan)
+    ds_out = tmp_path / "ds.json"
+    ds_out.write_text(export_files(ds_cfg, deepspeed, ds_plan, ds_out)[ds_out])
+    parsed = read_deepspeed(ds_out, 1)
+    assert parsed.zero_config.offload_optimizer.device == "cpu"
+    assert import_settings(ds_cfg, str(ds_out)).state_offload

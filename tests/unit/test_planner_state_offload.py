@@ -73,15 +73,33 @@ def test_more_gpu_memory_never_adds_offload_and_never_slows():
     assert offloaded[0] and not offloaded[-1]  # the grid crosses the point where it is needed
 
 
-def test_state_offload_runs_only_under_fsdp2_zero_2_and_3():
+def test_each_backend_runs_its_own_kind_of_state_offload_at_zero_2_and_3():
     cfg = compose_config(["cluster.gpus_per_node=2"])
     for fields in (
         {"zero_stage": 1, "state_offload": "all"},
         {"zero_stage": 3, "zero_backend": "deepspeed", "state_offload": "all"},
+        {"zero_stage": 3, "state_offload": "optimizer"},
+        {"zero_stage": 1, "zero_backend": "deepspeed", "state_offload": "optimizer"},
     ):
         problems = plan_problems(manual_plan(cfg, dp=2, micro_batch_size=8, **fields))
         assert [p.key for p in problems] == ["layout.state_offload"], fields
-    assert not plan_problems(manual_plan(cfg, dp=2, zero_stage=2, state_offload="all"))
+    for fields in (
+        {"zero_stage": 2, "state_offload": "all"},
+        {"zero_stage": 3, "zero_backend": "deepspeed", "state_offload": "optimizer"},
+    ):
+        assert not plan_problems(manual_plan(cfg, dp=2, micro_batch_size=8, **fields)), fields
+
+
+def test_deepspeed_offloads_the_optimizer_and_keeps_the_bf16_weights():
+    cfg = compose_config([*LLAMA2_13B_ONE_A800, "planner.zero_backend=deepspeed"])
+    plan = make_plan(cfg, explain=False)
+    assert plan.layout.zero_backend == "deepspeed"
+    assert plan.layout.state_offload == "optimizer"
+    num_params = count_parameters(build_model(cfg.model))
+    rank = plan.ranks[0]
+    assert rank.params_bytes == 2 * num_params  # bf16, whole on one rank at ZeRO-2 and 3
+    assert rank.grads_bytes == rank.optimizer_bytes == 0
+    assert rank.host_states_bytes >= 16 * num_params
 
 
 def test_a_plan_written_before_the_field_reads_as_not_offloaded(tmp_path):
