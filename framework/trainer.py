@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -127,9 +128,11 @@ def train(cfg: Config, plan: Plan, run_dir: Path) -> TrainResult:
                 tracker.log(line)
                 result.losses[step] = line.loss
             if validation is not None and step % cfg.train.eval_every == 0:
-                evaluate(runtime, validation, step, tracker, result)
-                if logged:  # the window just began: keep eval out of the next tok/s
-                    metrics.start_window()
+                if device.type == "cuda":  # the step's own kernels finish in its window
+                    torch.cuda.synchronize(device)
+                started = time.perf_counter()
+                evaluate(runtime, validation, step, tracker, result)  # ends in a host sync
+                metrics.exclude(time.perf_counter() - started)  # not training throughput
             stopping = stop.agreed()  # host-to-host, every step: all ranks stop together
             if checkpointer.due(step, last_step) or stopping:
                 checkpointer.save(step, {"loader": loader.state_dict()})

@@ -33,7 +33,12 @@ from typing import IO
 
 from configs.errors import ConfigError
 from configs.schema import ClusterConfig, Config
-from configs.tokens import check_training_tokens, max_token_id, token_file
+from configs.tokens import (
+    check_metadata_fits_model,
+    check_training_tokens,
+    max_token_id,
+    token_file,
+)
 from launch.compose import compose_config, warn_config
 from launch.plan_source import plan_for
 from launch.run_dir import (
@@ -122,6 +127,11 @@ def check_validation_tokens(cfg: Config) -> None:
     except ConfigError as exc:  # the same checks as data.path's, named for this key
         raise ConfigError("data.val_path", str(exc).removeprefix(f"{exc.key}: ")) from exc
     assert found is not None  # a path was given
+    if found.metadata is not None:  # tokenized for this model (vocab, tokenizer hash)?
+        try:
+            check_metadata_fits_model(found, vocab_size, cfg.model.hf_config)
+        except ConfigError as exc:
+            raise ConfigError("data.val_path", str(exc).removeprefix(f"{exc.key}: ")) from exc
     if found.num_tokens < seq_len + 1:
         raise ConfigError(
             "data.val_path",

@@ -62,7 +62,11 @@ def clip_grads_(params: Iterable[nn.Parameter], max_norm: float, total_norm: Ten
     if max_norm <= 0 or math.isinf(max_norm):
         return
     coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    on_device: dict[torch.device, Tensor] = {}  # offloaded gradients: one copy to the host
     for param in params:
         if param.grad is not None:
             grad = param.grad
-            (grad.to_local() if isinstance(grad, DTensor) else grad).mul_(coef.to(grad.device))
+            local = grad.to_local() if isinstance(grad, DTensor) else grad
+            if local.device not in on_device:
+                on_device[local.device] = coef.to(local.device)
+            local.mul_(on_device[local.device])

@@ -183,7 +183,14 @@ class EmbeddingGroup:
     """Sums the gradients of a tied embedding and its last-stage copy (Megatron's embedding
     group): locally when one rank holds both stages (ZBV), else over the two pp ranks."""
 
-    def __init__(self, mesh: ParallelMesh, modules: list[StageModel], last_pp_rank: int) -> None:
+    def __init__(
+        self,
+        mesh: ParallelMesh,
+        modules: list[StageModel],
+        last_pp_rank: int,
+        device: torch.device | None = None,
+    ) -> None:
+        self.device = device or torch.device(mesh.world.device_type)
         self.params = [
             m.output.weight if m.holds_tied_copy else m.tok_embeddings.weight  # type: ignore[union-attr]
             for m in modules
@@ -208,4 +215,9 @@ class EmbeddingGroup:
             for grad in grads:
                 grad.copy_(total)
         elif self.params and self.group is not None:
-            dist.all_reduce(grads[0], group=self.group)
+            # offloaded states keep gradient shards in host memory; NCCL reduces device
+            # tensors only (gloo: the same tensor, no copy)
+            reduced = grads[0].to(self.device)
+            dist.all_reduce(reduced, group=self.group)
+            if reduced is not grads[0]:
+                grads[0].copy_(reduced)

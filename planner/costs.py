@@ -93,9 +93,13 @@ from planner.params import (
     deepspeed_state_bytes,
     fsdp2_state_bytes,
     model_state_bytes,
+    no_decay_params,
     owner_partition_max,
     param_counts,
     parameter_sizes,
+    pinned_bytes,
+    pinned_shard_bytes,
+    total_params,
 )
 from planner.plan import Layout
 from planner.units import GIB
@@ -621,6 +625,10 @@ class _Zero:
     DeepSpeed)."""
     params_on_host: bool = False
     """FSDP2: the parameter shards live on the host, so every all-gather copies one in."""
+    accumulating_share: float = 0.0
+    """FSDP2 with offloaded states and G micro-batches on one pipeline stage: the (G-1)/G of
+    backwards that add into a host gradient shard, where FSDP2 copies it device-to-host
+    blocking (to_accumulate_grad), so the reduce-scatter and copy are exposed."""
 
     def host_copy(self, params: int) -> float:
         """Seconds of one shard copy of `params` parameters over the host link."""
@@ -642,13 +650,17 @@ class _Zero:
         f = self.fraction
         copy = self.host_copy(params)  # the gradient's, in backward
         copy_in = copy if self.params_on_host else 0.0  # the parameters', per all-gather
+        reduce = f * params * self.a / self.link + self.latency
+        blocking = self.accumulating_share * (reduce + copy)
         if self.stage == 3:
-            gather = f * params * self.a / self.link + self.latency
-            return max(0.0, gather + copy_in - fwd_s) + max(
-                0.0, 2 * gather + copy_in + copy - bwd_s
+            gather = reduce
+            return (
+                max(0.0, gather + copy_in - fwd_s)
+                + max(0.0, 2 * gather + copy_in + copy - bwd_s)
+                + blocking
             )
         if self.stage == 2:
-            return max(0.0, f * params * self.a / self.link + self.latency + copy - bwd_s)
+            return max(0.0, reduce + copy - bwd_s) + blocking
         return 0.0
 
     def overlapped_per_param(self) -> float:
@@ -794,6 +806,39 @@ def host_states(layout: Layout, num_params: int) -> ModelStateBytes:
     return ModelStateBytes(params=0, grads=0, optimizer=0)
 
 
+def _host_state_coefficients(
+    model: ModelConfig, layout: Layout, host: ModelStateBytes, shard: int, pinned: bool
+) -> tuple[float, float, float]:
+    """(host bytes per parameter, host bytes per GPU besides, pinned rounding factor of a
+    layer's shards) of the offloaded states. FSDP2 pins each parameter and gradient shard
+    (its moments are not pinned): a layer's shards rounded up to powers of two, per
+    parameter, and the root tensors' own rounding beyond that factor as the constant.
+    DeepSpeed pins its flat fp32 partitions (two groups: decayed, not), their gradients
+    (ZeRO-3: its flat gradient buffer too) and ZeRO-2's one-gradient staging buffer."""
+    per_param = host.total / shard
+    layer = parameter_sizes(model, layout.tp, 1, False, False)
+    exact = FP32_BYTES * sum(-(-n // shard) for n in layer)
+    rounding = pinned_shard_bytes(layer, shard, FP32_BYTES) / exact if pinned else 1.0
+    constant = 0.0
+    if layout.state_offload == "all" and pinned:  # parameters and gradients pinned
+        per_param += 2 * FP32_BYTES / shard * (rounding - 1.0)
+        root = parameter_sizes(model, layout.tp, 0, True, True)
+        root_exact = FP32_BYTES * sum(-(-n // shard) for n in root)
+        constant = 2 * (pinned_shard_bytes(root, shard, FP32_BYTES) - rounding * root_exact)
+    if layout.state_offload == "optimizer":
+        largest = max(parameter_sizes(model, 1, model.num_layers, True, True))
+        if layout.zero_stage == 2:  # the fp32 staging buffer of one gradient
+            constant = FP32_BYTES * largest
+        if pinned:  # each flat group's partition and its gradient: exact sizes replaced
+            groups = [total_params(model) - no_decay_params(model), no_decay_params(model)]
+            flat = [FP32_BYTES * -(-n // shard) for n in groups]
+            copies = 3 if layout.zero_stage == 3 else 2
+            constant += copies * sum(pinned_bytes(b) - b for b in flat)
+            if layout.zero_stage == 2:
+                constant += pinned_bytes(FP32_BYTES * largest) - FP32_BYTES * largest
+    return per_param, constant, rounding
+
+
 def _deepspeed_layer_transient(stage: int, psi: int, a: int, counts: ParamCounts) -> float:
     """DeepSpeed's working set during a layer's backward: ZeRO-3 gathers parameters and
     gradients of its largest module (its estimator's 4 x largest-layer term in bf16: the
@@ -845,6 +890,11 @@ def layout_costs(
         host_link=rates.host_link if offloaded else 0.0,
         host_copy_bytes=FP32_BYTES if layout.state_offload == "all" else a,
         params_on_host=layout.state_offload == "all",
+        accumulating_share=(
+            (layout.num_microbatches - 1) / layout.num_microbatches
+            if layout.state_offload == "all" and layout.pp == 1
+            else 0.0
+        ),
     )
     rope = outside_layers_bytes(
         model, rank.micro_batch, rank.seq_local, a, first_stage=False, last_stage=False
@@ -867,6 +917,10 @@ def layout_costs(
     own_grads = (a * hidden * ffn, a * psi) if fsdp2 else (0.0, 0.0)
     mlp_workspace, end_workspace = layer_workspace_bytes(rank.tokens, hidden, ffn, a, own_grads)
     tied_root = fsdp2 and model.tie_embeddings and layout.pp == 1
+    pinned = cluster.device == "cuda"  # host buffers beside a GPU are pinned
+    host_per_param, host_constant, rounding = _host_state_coefficients(
+        model, layout, host, zero.shard_ranks, pinned
+    )
     loss_chunk = min(train.loss_chunk_tokens, rank.tokens)
     # + the gradient of the hidden states it returns (the saved hidden states are activations)
     loss_transient = loss_transient_bytes(loss_chunk, rank.vocab, hidden, a) + rank.hidden_bytes
@@ -889,19 +943,16 @@ def layout_costs(
         grads_follow_backward=(
             layout.zero_backend == "fsdp2" and layout.pp == 1 and layout.num_microbatches == 1
         ),
-        # the snapshot copies the fp32 parameters and optimizer state wherever they live
+        # the snapshot copies the fp32 parameters and optimizer state wherever they live,
+        # into buffers pinned per tensor on CUDA
         staging_bytes_per_param=(
-            (host.params + host.optimizer) / zero.shard_ranks + sharded_params + sharded_optimizer
+            ((host.params + host.optimizer) / zero.shard_ranks + sharded_params + sharded_optimizer)
+            * (rounding if pinned else 1.0)
             if checkpointing
             else 0.0
         ),
-        host_state_bytes_per_param=host.total / zero.shard_ranks,
-        # DeepSpeed ZeRO-2's fp32 staging buffer of one gradient for the host copy
-        host_state_constant_bytes=(
-            FP32_BYTES * max(parameter_sizes(model, 1, model.num_layers, True, True))
-            if layout.state_offload == "optimizer" and layout.zero_stage == 2
-            else 0.0
-        ),
+        host_state_bytes_per_param=host_per_param,
+        host_state_constant_bytes=host_constant,
         optimizer_seconds_per_param=(
             # the node's CPUs run the step of its GPUs' shards (cluster.host_adam_*)
             zero.shard(1) * gpn / (cluster.host_adam_gparams_per_second * 1e9)

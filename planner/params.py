@@ -94,6 +94,30 @@ def fsdp2_state_bytes(num_params: int, shard_ranks: int) -> ModelStateBytes:
     return ModelStateBytes(params=4 * shard, grads=4 * shard, optimizer=8 * shard)
 
 
+def pinned_bytes(num_bytes: int) -> int:
+    """What torch's caching host allocator takes for a pinned allocation of num_bytes: the
+    next power of two (its default; PYTORCH_CUDA_ALLOC_CONF's pinned_max_round_threshold_mb,
+    where a torch has it, changes that: not assumed)."""
+    return 1 << (num_bytes - 1).bit_length() if num_bytes > 1 else num_bytes
+
+
+def pinned_shard_bytes(sizes: list[int], shard_ranks: int, element_bytes: int) -> int:
+    """Pinned bytes of one rank's shard of each tensor (`sizes`: element counts), each its
+    own allocation, as FSDP2 and the checkpoint snapshot pin them."""
+    return sum(pinned_bytes(element_bytes * _shard(n, shard_ranks)) for n in sizes)
+
+
+def no_decay_params(model: ModelConfig) -> int:
+    """Parameters framework/components/optim.py gives no weight decay (norms and biases): the
+    second of the two flat groups DeepSpeed partitions."""
+    per_layer = 2 * model.hidden_size
+    if model.qkv_bias:
+        per_layer += (model.num_heads + 2 * model.num_kv_heads) * model.resolved_head_dim
+    if model.out_bias:
+        per_layer += model.hidden_size
+    return model.num_layers * per_layer + model.hidden_size
+
+
 def deepspeed_offload_state_bytes(
     num_params: int, shard_ranks: int, zero_stage: int, dtype_bytes: int
 ) -> ModelStateBytes:

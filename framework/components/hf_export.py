@@ -11,6 +11,7 @@ temporary directory beside export.out and renamed into place only when complete.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import uuid
 import warnings
@@ -37,7 +38,12 @@ from framework.components.checkpoint.storage import (
 
 KEY = "export.checkpoint"
 MODEL_PREFIX = "model."
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",  # bos/eos ids: generate() stops at EOS
+)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -92,6 +98,8 @@ def checkpoint_model_config(directory: Path) -> tuple[ModelConfig, str | None]:
         raw = json.loads((directory / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(KEY, f"{directory}/config.json is unreadable: {exc}") from exc
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
+        raise ConfigError(KEY, f"{directory}/config.json has no model node (not memplan's?)")
     cfg = to_typed(raw["model"], ModelConfig, prefix="model")
     source_type = None
     if cfg.hf_config and Path(cfg.hf_config).exists():
@@ -143,7 +151,14 @@ def export_hf(
             fqn = key[len(MODEL_PREFIX) :]
             if fqn == "output.weight" and cfg.tie_embeddings:
                 continue  # a tied copy, if ever stored, is the embedding
-            tensors.append((fqn, memplan_to_hf_name(fqn), entry.size, entry.properties.dtype))
+            try:
+                hf_name = memplan_to_hf_name(fqn)
+            except KeyError as exc:
+                raise ConfigError(
+                    KEY,
+                    f"{directory}: tensor {fqn} has no Hugging Face name (not memplan's model?)",
+                ) from exc
+            tensors.append((fqn, hf_name, entry.size, entry.properties.dtype))
     tensors.sort(key=lambda item: _hf_order(item[0]))
     target = DTYPES[dtype]
     shards = _shards([t[:3] for t in tensors], target.itemsize, max_shard_bytes)
@@ -161,7 +176,11 @@ def export_hf(
                 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
             )
             state = {fqn: torch.empty(shape, dtype=stored_dtype[fqn]) for fqn, _, shape in shard}
-            dcp.load({"model": state}, checkpoint_id=str(directory), no_dist=True)
+            try:
+                dcp.load({"model": state}, checkpoint_id=str(directory), no_dist=True)
+            except Exception as exc:  # DCP wraps every reader failure in its own exception
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ConfigError(KEY, f"cannot read {directory}: {first}") from exc
             out_tensors = {hf: state[fqn].to(target).contiguous() for fqn, hf, _ in shard}
             save_file(out_tensors, str(tmp / name), metadata={"format": "pt"})
             total += sum(t.numel() * t.element_size() for t in out_tensors.values())
@@ -180,9 +199,10 @@ def export_hf(
             if source is not None and (source / tokenizer_file).is_file():
                 shutil.copy2(source / tokenizer_file, tmp / tokenizer_file)
                 names.append(tokenizer_file)
-        if final.exists():
-            final.rmdir()  # checked empty by the caller; rmdir refuses anything else
-        tmp.rename(final)
+        try:  # onto an absent or empty directory (checked by the caller): one rename
+            os.replace(tmp, final)
+        except OSError as exc:
+            raise ConfigError("export.out", f"cannot move the export into {final}: {exc}") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

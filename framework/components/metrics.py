@@ -106,6 +106,10 @@ class MetricsTracker:
         self._window_start = time.perf_counter()
         self._window_steps = 0
 
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` (an evaluation between steps) out of the current window."""
+        self._window_start += seconds
+
     def step_done(self) -> None:
         """Count one finished optimizer step in the current throughput window."""
         self._window_steps += 1

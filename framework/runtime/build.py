@@ -34,6 +34,12 @@ def build_runtime(
     sharded = layout.zero_backend == "deepspeed" or layout.zero_stage >= 2
     in_group = dist.is_available() and dist.is_initialized()
     if layout.world_size == 1 and not (sharded and in_group):
+        if layout.state_offload != "none":
+            raise ConfigError(
+                "layout.state_offload",
+                f"{layout.state_offload} runs under {layout.zero_backend} in a process group;"
+                " start it with memplan train (torchrun), even on one GPU",
+            )
         return build_local_runtime(model_cfg, train_cfg, plan, device, dtype)
     if not in_group:
         raise ConfigError(

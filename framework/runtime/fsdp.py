@@ -135,7 +135,7 @@ class ParallelRuntime:
                 for stage in rank_stages(r, layout.pp, layout.virtual_stages, layout.pp_schedule)
             }
             last_pp_rank = owners[layout.num_stages - 1]
-            self.embedding_group = EmbeddingGroup(mesh, self.modules, last_pp_rank)
+            self.embedding_group = EmbeddingGroup(mesh, self.modules, last_pp_rank, device)
 
         dp_sp_group = mesh.dp_sp.get_group()
         self.optimizers: list[torch.optim.Optimizer] = []

@@ -107,6 +107,8 @@ from tests.plans import manual_plan  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
+TIED = {"model.tie_embeddings": "true"}
+PIPELINED = {"pp": 2, "pp_schedule": "1f1b", "zero_stage": 3}
 CASES = {
     "zero3": {"zero_stage": 3},
     "zero3_offloaded": {"zero_stage": 3, "state_offload": "all"},
@@ -118,15 +120,21 @@ CASES = {
     "deepspeed_zero3_offloaded": {
         "zero_stage": 3, "zero_backend": "deepspeed", "state_offload": "optimizer",
     },
+    # the tied embedding's gradient is summed over the two pipeline ends from host shards
+    "pp2_tied": {**PIPELINED, **TIED},
+    "pp2_tied_offloaded": {**PIPELINED, **TIED, "state_offload": "all"},
 }  # fmt: skip
 RESUMED = ("zero3_offloaded", "deepspeed_zero3_offloaded")
 
 
 def _run_dir(path: Path, layout: dict) -> Path:
-    cfg = compose_config([*checkpoint_layouts.OVERRIDES, "cluster.gpus_per_node=2"])
+    layout = dict(layout)
+    extra = [f"{k}={layout.pop(k)}" for k in list(layout) if k.startswith("model.")]
+    cfg = compose_config([*checkpoint_layouts.OVERRIDES, "cluster.gpus_per_node=2", *extra])
     path.mkdir(parents=True)
     (path / "resolved.yaml").write_text(dump_resolved(cfg))
-    plan = manual_plan(cfg, micro_batch_size=2, dp=2, **layout)
+    dp = 1 if layout.get("pp", 1) > 1 else 2
+    plan = manual_plan(cfg, micro_batch_size=2, dp=dp, **layout)
     plan.write(path / "plan.json")
     return path
 
@@ -160,6 +168,7 @@ def test_offloaded_states_train_the_same_model_and_resume_exactly(tmp_path):
     for reference, offloaded in (
         ("zero3", ("zero3_offloaded", "zero2_offloaded")),
         ("deepspeed_zero2", ("deepspeed_zero2_offloaded", "deepspeed_zero3_offloaded")),
+        ("pp2_tied", ("pp2_tied_offloaded",)),
     ):
         assert len(results[reference]) == checkpoint_layouts.STEPS
         for name in offloaded:

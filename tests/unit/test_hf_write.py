@@ -57,3 +57,11 @@ def test_output_bias_alone_has_no_family():
     cfg = compose_config(["model.out_bias=true"]).model
     with pytest.raises(ConfigError, match=r"^model\.out_bias: "):
         export_model_type(cfg, None)
+
+
+def test_a_checkpoint_without_memplans_config_is_one_error(tmp_path):
+    from framework.components.hf_export import checkpoint_model_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"something": "else"}))
+    with pytest.raises(ConfigError, match=r"^export\.checkpoint: .*has no model node"):
+        checkpoint_model_config(tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 
 from framework.components.metrics import (
@@ -63,3 +64,21 @@ def test_header_summary_names_layout_backend_schedule_policies_and_mem():
     assert policy_summary(piped, max_runs=2) == (
         "4 layers in 3 runs: 1 none 2 selective 1 full; mean off 0.12 rec 0.25 anc 0.25"
     )
+
+
+def test_time_left_out_of_the_window_is_not_throughput(monkeypatch):
+    """An evaluation between steps (MetricsTracker.exclude) does not lower tok/s."""
+    import framework.components.metrics as metrics_module
+
+    tracker = _tracker(compose_config([]), gpu_memory_gib=8)
+    ticks = [100.0, 110.0]  # the window's start, then every later reading
+
+    def clock() -> float:
+        return ticks.pop(0) if len(ticks) > 1 else ticks[0]
+
+    monkeypatch.setattr(metrics_module.time, "perf_counter", clock)
+    tracker.start_window()
+    tracker.step_done()
+    tracker.exclude(5.0)  # 5 of the 10 seconds were an evaluation
+    metrics = tracker.collect(1, torch.tensor(5.0), torch.tensor(1.0))
+    assert metrics.tokens_per_second == pytest.approx(128 / 5.0)

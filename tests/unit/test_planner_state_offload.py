@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from configs.errors import ConfigError
 from framework.components.model import build_model, count_parameters
 from launch.compose import compose_config
 from planner.errors import NoFeasiblePlan
@@ -28,9 +29,12 @@ def test_llama2_13b_on_one_a800_offloads_its_states_to_host_ram():
     plan = make_plan(cfg, explain=False)
     assert plan.layout.state_offload == "all"
     assert plan.memory.params_bytes == plan.memory.optimizer_bytes == 0
-    # FSDP2's CPU shards on one rank: fp32 parameters, fp32 gradients, Adam's m and v
-    num_params = count_parameters(build_model(cfg.model))
-    assert plan.ranks[0].host_states_bytes == 16 * num_params
+    # FSDP2's CPU shards on one rank: fp32 parameters and gradients, each pinned by torch's
+    # caching host allocator (a power of two per tensor), and Adam's m and v (not pinned)
+    model = build_model(cfg.model)
+    num_params = count_parameters(model)
+    pinned = sum(2 * (1 << (4 * p.numel() - 1).bit_length()) for p in model.parameters())
+    assert plan.ranks[0].host_states_bytes == pytest.approx(pinned + 8 * num_params, rel=1e-9)
     assert plan.memory.host_bytes_per_node >= 16 * num_params
     assert plan.memory.host_bytes_per_node <= plan.memory.host_budget_bytes_per_node
     assert plan.memory.gpu_peak_bytes <= plan.memory.gpu_budget_bytes
@@ -109,3 +113,18 @@ def test_a_plan_written_before_the_field_reads_as_not_offloaded(tmp_path):
     path = tmp_path / "old.json"
     path.write_text(json.dumps(data))
     assert Plan.read(path).layout.state_offload == "none"
+
+
+def test_an_offloading_plan_needs_a_process_group():
+    """Outside torchrun a one-rank plan would run the local runtime, which keeps the states
+    on the device: refused, not silently different from the plan."""
+    import torch
+
+    from framework.components.distributed import DistContext
+    from framework.runtime.build import build_runtime
+
+    cfg = compose_config([])
+    plan = manual_plan(cfg, zero_stage=3, state_offload="all")
+    context = DistContext(rank=0, world_size=1, local_rank=0)
+    with pytest.raises(ConfigError, match=r"^layout\.state_offload: .*memplan train"):
+        build_runtime(cfg.model, cfg.train, plan, torch.device("cpu"), torch.float32, context)

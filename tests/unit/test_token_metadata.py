@@ -136,3 +136,16 @@ def test_memplan_train_refuses_a_file_for_a_larger_vocabulary_exit_2(tmp_path, c
     assert line.startswith("memplan train: error: data.path: ")
     assert "model.vocab_size=256" in line and str(metadata_path(path)) in line
     assert not run_dir.exists()
+
+
+def test_validation_tokens_get_the_metadata_checks_of_training_tokens(tmp_path):
+    from launch.compose import compose_config
+    from launch.train_command import check_validation_tokens
+
+    path = prepared(tmp_path, "uint16", count=2000, vocab=200)  # ids < 200 fit either model
+    cfg = compose_config([f"data.val_path={path}", "train.eval_every=1", "model.vocab_size=256"])
+    check_validation_tokens(cfg)
+    small = compose_config([f"data.val_path={path}", "train.eval_every=1", "model.vocab_size=100"])
+    with pytest.raises(ConfigError) as info:  # tokenized for a larger vocabulary
+        check_validation_tokens(small)
+    assert info.value.key == "data.val_path" and "vocabulary of 200 ids" in str(info.value)
