@@ -269,6 +269,15 @@ def run(args: list[str]) -> int:
             cfg.data, cfg.train.seq_len, cfg.model.vocab_size, cfg.model.hf_config
         )
     plan = plan_for(cfg)  # plan.path checked as for train, or the planner's plan
+    if plan.layout.state_offload != "none":
+        # the tracer's fake tensors and the one-process profile put host and device in one
+        # memory: they would count the offloaded states as device bytes
+        raise ConfigError(
+            "layout.state_offload",
+            f"{plan.layout.state_offload}: memplan profile measures device memory of plans"
+            " that keep their model states on the device; set planner.state_offload=off or"
+            " give plan.path= a plan without it",
+        )
     if cfg.profile.mode == "trace":
         console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=False)
         return run_trace(cfg, plan, console)

@@ -167,3 +167,14 @@ def test_trace_bad_input_is_exit_2_in_one_line(plan_path, overrides, message):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("memplan profile: error: ")
     assert message in lines[0]
+
+
+def test_a_plan_with_states_in_host_ram_is_not_profiled_here():
+    """The tracer and the one-process profile hold host and device in one memory."""
+    done = memplan(
+        "profile", "model=llama2_13b", "cluster=a800_8x", "cluster.gpus_per_node=1",
+        "train.seq_len=4096", "profile.mode=trace",
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "layout.state_offload" in lines[0], done.stderr
