@@ -277,18 +277,29 @@ def check_training_tokens(
             f"{data.path} holds {found.num_tokens} tokens, shorter than one sequence: "
             f"train.seq_len={seq_len} needs >= {need}",
         )
+    check_ids_fit_model(found, "data.path", vocab_size, hf_config)
+
+
+def check_ids_fit_model(
+    found: TokenFile, key: str, vocab_size: int, hf_config: str | None = None
+) -> None:
+    """ConfigError under `key` (data.path, data.val_path) when the file's token ids do not
+    fit the model: from its metadata when it has one (memplan data wrote only ids of that
+    vocabulary and the length matches: no scan, which would read the whole file, minutes for
+    billions of tokens; and the tokenizer must be the model's), else by scanning it."""
     if found.metadata is not None:
-        # memplan data wrote only ids of that vocabulary and the length matches: no scan,
-        # which would read the whole file (minutes for a corpus of billions of tokens)
-        check_metadata_fits_model(found, vocab_size, hf_config)
+        try:
+            check_metadata_fits_model(found, vocab_size, hf_config)
+        except ConfigError as exc:  # the same check, named for the key that gave the file
+            raise ConfigError(key, str(exc).removeprefix(f"{exc.key}: ")) from exc
         return
     try:
         largest = max_token_id(found.path, found.dtype)
     except (OSError, ValueError) as exc:
-        raise ConfigError("data.path", f"cannot map {data.path}: {exc}") from exc
+        raise ConfigError(key, f"cannot map {found.path}: {exc}") from exc
     if largest >= vocab_size:
         raise ConfigError(
-            "data.path",
-            f"{data.path} holds token id {largest} >= model.vocab_size={vocab_size} (wrong "
+            key,
+            f"{found.path} holds token id {largest} >= model.vocab_size={vocab_size} (wrong "
             "tokenizer or data.dtype?)",
         )

@@ -33,12 +33,7 @@ from typing import IO
 
 from configs.errors import ConfigError
 from configs.schema import ClusterConfig, Config
-from configs.tokens import (
-    check_metadata_fits_model,
-    check_training_tokens,
-    max_token_id,
-    token_file,
-)
+from configs.tokens import check_ids_fit_model, check_training_tokens, token_file
 from launch.compose import compose_config, warn_config
 from launch.plan_source import plan_for
 from launch.run_dir import (
@@ -127,27 +122,13 @@ def check_validation_tokens(cfg: Config) -> None:
     except ConfigError as exc:  # the same checks as data.path's, named for this key
         raise ConfigError("data.val_path", str(exc).removeprefix(f"{exc.key}: ")) from exc
     assert found is not None  # a path was given
-    if found.metadata is not None:  # tokenized for this model (vocab, tokenizer hash)?
-        try:
-            check_metadata_fits_model(found, vocab_size, cfg.model.hf_config)
-        except ConfigError as exc:
-            raise ConfigError("data.val_path", str(exc).removeprefix(f"{exc.key}: ")) from exc
     if found.num_tokens < seq_len + 1:
         raise ConfigError(
             "data.val_path",
             f"{data.val_path} holds {found.num_tokens} tokens, less than one window: "
             f"train.seq_len={seq_len} needs >= {seq_len + 1}",
         )
-    try:
-        largest = max_token_id(found.path, found.dtype)
-    except (OSError, ValueError) as exc:
-        raise ConfigError("data.val_path", f"cannot map {data.val_path}: {exc}") from exc
-    if largest >= vocab_size:
-        raise ConfigError(
-            "data.val_path",
-            f"{data.val_path} holds token id {largest} >= model.vocab_size={vocab_size} "
-            "(wrong tokenizer or data.dtype?)",
-        )
+    check_ids_fit_model(found, "data.val_path", vocab_size, cfg.model.hf_config)
 
 
 def check_run_inputs(cfg: Config, run_dir: Path) -> None:

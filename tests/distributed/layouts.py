@@ -296,6 +296,26 @@ def run_worker(
     return results, (done.stdout + done.stderr)[-6000:]
 
 
+def torchrun(
+    script: str | Path, *args: str | Path, ranks: int = 2, timeout_seconds: float = 600
+) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --standalone --nproc-per-node=RANKS SCRIPT ARGS` from
+    the repository (importable by the workers), captured."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={ranks}", str(script), *map(str, args),
+    ]  # fmt: skip
+    return subprocess.run(
+        command,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout_seconds,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
 _LOSS = re.compile(r"step (\d+) \| loss (\d+\.\d{4}) \|")
 
 

@@ -13,8 +13,6 @@ test_checkpoint_layouts.py's worker; this file is the worker of the host-bytes m
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -103,6 +101,7 @@ import pytest  # noqa: E402
 
 from launch.compose import compose_config, dump_resolved  # noqa: E402
 from tests.distributed import test_checkpoint_layouts as checkpoint_layouts  # noqa: E402
+from tests.distributed.layouts import torchrun  # noqa: E402
 from tests.plans import manual_plan  # noqa: E402
 
 pytestmark = pytest.mark.distributed
@@ -156,13 +155,7 @@ def test_offloaded_states_train_the_same_model_and_resume_exactly(tmp_path):
         )
     spec, out = tmp_path / "spec.json", tmp_path / "out.json"
     spec.write_text(json.dumps(cases))
-    repo = Path(__file__).resolve().parents[2]
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         checkpoint_layouts.__file__, str(spec), str(out)],
-        capture_output=True, text=True, timeout=600, check=False,
-        env={**os.environ, "PYTHONPATH": str(repo)}, cwd=repo,
-    )  # fmt: skip
+    run = torchrun(checkpoint_layouts.__file__, spec, out)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = {name: r["losses"] for name, r in json.loads(out.read_text()).items()}
     for reference, offloaded in (
@@ -182,13 +175,7 @@ def test_offloaded_states_train_the_same_model_and_resume_exactly(tmp_path):
 
 def test_host_bytes_of_offloaded_states_are_the_plans(tmp_path):
     out = tmp_path / "host.json"
-    repo = Path(__file__).resolve().parents[2]
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         __file__, str(out)],
-        capture_output=True, text=True, timeout=600, check=False,
-        env={**os.environ, "PYTHONPATH": str(repo)}, cwd=repo,
-    )  # fmt: skip
+    run = torchrun(__file__, out)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads(out.read_text())
     assert set(results) == set(MEASURED_LAYOUTS)
