@@ -66,9 +66,9 @@ def test_train_from_hf_weights_then_export_for_transformers(tmp_path):
     )
     assert exported.returncode == 0, exported.stderr
     assert "as a Hugging Face qwen2 model" in exported.stdout
-    assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "model.safetensors", "tokenizer.json",
-    ]  # fmt: skip
+    # generation_config.json: save_pretrained wrote it beside the model (bos/eos ids)
+    files = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == files
     # memplan's own reader gives back the model it trained
     assert {k: v for k, v in read_hf_config(str(out)).items() if k != "name"} == {
         k: v for k, v in read_hf_config(str(model_dir)).items() if k != "name"
