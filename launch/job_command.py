@@ -25,6 +25,7 @@ from pathlib import Path
 from configs.errors import ConfigError
 from configs.schema import Config
 from configs.schema.launch import sbatch_option
+from configs.tokens import check_training_tokens
 from launch.compose import compose_config, warn_config
 from launch.plan_source import plan_for
 from launch.run_dir import (
@@ -34,7 +35,11 @@ from launch.run_dir import (
     pin_paths,
     prepare_run_dir,
 )
-from launch.train_command import redirect_other_local_ranks, torchrun_prefix
+from launch.train_command import (
+    check_validation_tokens,
+    redirect_other_local_ranks,
+    torchrun_prefix,
+)
 from planner.plan import Plan
 
 TEMPLATES = {"slurm": "slurm_job.sh", "torchrun": "torchrun_node.sh"}
@@ -202,6 +207,9 @@ def run(args: list[str]) -> int:
     key = "job.out" if cfg.job.out else "launch.run_dir"
     check_writable_file(files.script, key)  # before planning: the real reason, nothing written
     check_not_locked(files.run_dir, key)
+    # the tokens, as memplan train checks them: a bad file is found now, not in the queue
+    check_training_tokens(cfg.data, cfg.train.seq_len, cfg.model.vocab_size, cfg.model.hf_config)
+    check_validation_tokens(cfg)
     plan = plan_for(cfg)
     text = script_text(cfg, plan, files)
     prepare_run_dir(cfg, plan, files.run_dir, key=key)

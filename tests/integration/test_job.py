@@ -404,3 +404,18 @@ def test_a_requeued_job_resumes_from_its_checkpoints(tmp_path):
     shutil.rmtree(checkpoints / "step_000000004")
     requeued = run_job()
     assert requeued == {3: first[3], 4: first[4]}
+
+
+@pytest.mark.integration
+def test_bad_token_files_are_found_before_the_script_is_written(tmp_path):
+    """memplan job checks data.path and data.val_path as memplan train does."""
+    short = tmp_path / "short.bin"
+    short.write_bytes(b"\x01\x00" * 10)  # 10 uint16 tokens: shorter than one sequence
+    for key in ("data.path", "data.val_path"):
+        extra = [f"{key}={short}"] + (["train.eval_every=1"] if key == "data.val_path" else [])
+        out = tmp_path / key / "job.sh"
+        done = memplan("job", *TINY, *extra, f"job.out={out}")
+        assert done.returncode == 2, done.stdout[-2000:]
+        (line,) = done.stderr.strip().splitlines()
+        assert line.startswith(f"memplan job: error: {key}: "), line
+        assert not out.exists()
