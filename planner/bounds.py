@@ -121,7 +121,7 @@ def bounds(costs: LayoutCosts, num_layers: int) -> Bounds:
     # the lightest rank holds all of them (pp = 1) or at least one layer per local stage
     lightest = psi if pp == 1 else costs.layer_params * lay.virtual_stages
     node_gpus = min(costs.gpus_per_node, lay.world_size)
-    host = (
-        costs.host_resident_bytes_per_param * lightest + costs.host_state_constant_bytes
-    ) * node_gpus
+    # (the constant's root-tensor share only where every rank holds the root: pp = 1)
+    constant = costs.host_state_constant_bytes if pp == 1 else 0.0
+    host = (costs.host_resident_bytes_per_param * lightest + constant) * node_gpus
     return Bounds(step + tail / pp, memory, stage_max, rank_max, residue_max, host)

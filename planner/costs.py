@@ -39,10 +39,13 @@ Model states in host RAM (layout.state_offload "all", FSDP2 CPUOffloadPolicy at 
     Psi / Nd x gpus_per_node / cluster.host_adam_gparams_per_second, exposed.
 DeepSpeed's offload_optimizer (layout.state_offload "optimizer", ZeRO-2/3): the device keeps
     the compute-dtype parameters (2 Psi; ZeRO-3 2 Psi / Nd), as DeepSpeed's estimators with
-    cpu_offload=True count them; the host 16 Psi / Nd (ZeRO-3: 20, a flat fp32 gradient
-    buffer beside the partitions' gradients; ZeRO-2: + one fp32 gradient staging buffer of
-    the largest tensor), measured; the gradient partition goes to the host during backward,
-    the updated partition comes back after the host step (exposed).
+    cpu_offload=True count them; the host 16 Psi / Nd (fp32 master, its gradient, m, v) and
+    a Psi / Nd more (ZeRO-2: the compute-dtype copy of the partition; ZeRO-3: the flat
+    gradient buffer), plus ZeRO-2's one-gradient staging buffer, measured; the gradient
+    partition goes to the host during backward, the updated partition comes back after the
+    host step (exposed). ZeRO-2 offload runs one micro-batch per step (planner/layouts.py).
+On CUDA every pinned host allocation is rounded up to a power of two, as torch's caching host
+    allocator does by default (_host_state_coefficients says which tensors are pinned).
 
 Transient working set on a rank (beyond the states and the in-flight saved activations),
 each term checked against torch's MemTracker / FSDPMemTracker tracing the runtime at real
@@ -790,31 +793,57 @@ def backend_states(layout: Layout, dtype: str, num_params: int) -> ModelStateByt
     return model_state_bytes(num_params, shard, layout.zero_stage, dtype)
 
 
-def host_states(layout: Layout, num_params: int) -> ModelStateBytes:
-    """Model states of `num_params` parameters in one GPU's host memory: FSDP2's sharded
-    fp32 parameters, gradients and Adam moments under CPUOffloadPolicy (state_offload all);
-    DeepSpeed's fp32 master partition, Adam moments and fp32 gradient partition under
-    offload_optimizer (state_offload optimizer), 16 bytes per parameter of the shard too, and
-    at ZeRO-3 its flat fp32 gradient buffer beside the partitions' gradients (4 more;
-    measured: tests/distributed/test_state_offload.py); nothing otherwise."""
+def host_states(layout: Layout, num_params: int, dtype_bytes: int) -> ModelStateBytes:
+    """Model states of `num_params` parameters in one GPU's host memory (measured:
+    tests/distributed/test_state_offload.py): FSDP2's sharded fp32 parameters, gradients and
+    Adam moments under CPUOffloadPolicy (state_offload all), 16 bytes per parameter of the
+    shard; DeepSpeed's fp32 master partition, its fp32 gradient and Adam's moments under
+    offload_optimizer (state_offload optimizer), 16 too, and beside them at ZeRO-2 a
+    compute-dtype copy of the partition (the one it copies to the device), at ZeRO-3 its
+    flat gradient buffer in the compute dtype; nothing otherwise."""
     shard = layout.dp * layout.sp
-    if layout.state_offload == "optimizer" and layout.zero_stage == 3:
-        states = fsdp2_state_bytes(num_params, shard)
-        return dataclasses.replace(states, grads=2 * states.grads)
-    if layout.state_offload != "none":
-        return fsdp2_state_bytes(num_params, shard)
-    return ModelStateBytes(params=0, grads=0, optimizer=0)
+    if layout.state_offload == "none":
+        return ModelStateBytes(params=0, grads=0, optimizer=0)
+    states = fsdp2_state_bytes(num_params, shard)
+    if layout.state_offload == "optimizer":
+        extra = dtype_bytes * _shard_of(num_params, shard)
+        if layout.zero_stage == 2:
+            return dataclasses.replace(states, params=states.params + extra)
+        return dataclasses.replace(states, grads=states.grads + extra)
+    return states
+
+
+def _shard_of(count: int, ranks: int) -> int:
+    return -(-count // ranks)
+
+
+DEEPSPEED_SUB_GROUP_ELEMENTS = 10**9
+"""DeepSpeed ZeRO-3's sub_group_size (its default): partitions are stepped, and their host
+gradients pinned, in sub-groups of at most this many elements."""
+
+
+def _rounding_excess(num_bytes: list[int]) -> int:
+    """What pinning allocations of these sizes adds (pinned_bytes) beyond the sizes."""
+    return sum(pinned_bytes(b) - b for b in num_bytes)
 
 
 def _host_state_coefficients(
-    model: ModelConfig, layout: Layout, host: ModelStateBytes, shard: int, pinned: bool
+    model: ModelConfig,
+    layout: Layout,
+    host: ModelStateBytes,
+    shard: int,
+    pinned: bool,
+    dtype: str,
 ) -> tuple[float, float, float]:
     """(host bytes per parameter, host bytes per GPU besides, pinned rounding factor of a
     layer's shards) of the offloaded states. FSDP2 pins each parameter and gradient shard
     (its moments are not pinned): a layer's shards rounded up to powers of two, per
     parameter, and the root tensors' own rounding beyond that factor as the constant.
-    DeepSpeed pins its flat fp32 partitions (two groups: decayed, not), their gradients
-    (ZeRO-3: its flat gradient buffer too) and ZeRO-2's one-gradient staging buffer."""
+    DeepSpeed (deepspeed/runtime/zero/stage_1_and_2.py, stage3.py) pins, per flat group
+    (decayed, not): at ZeRO-2 the fp32 partition, its gradient and its compute-dtype copy,
+    and a one-gradient staging buffer; at ZeRO-3 the fp32 gradients of each sub-group and one
+    flat gradient buffer (its fp32 partitions are not pinned). With pipeline stages the root
+    tensors' share is only ever added, never subtracted: not every rank holds them."""
     per_param = host.total / shard
     layer = parameter_sizes(model, layout.tp, 1, False, False)
     exact = FP32_BYTES * sum(-(-n // shard) for n in layer)
@@ -825,17 +854,27 @@ def _host_state_coefficients(
         root = parameter_sizes(model, layout.tp, 0, True, True)
         root_exact = FP32_BYTES * sum(-(-n // shard) for n in root)
         constant = 2 * (pinned_shard_bytes(root, shard, FP32_BYTES) - rounding * root_exact)
+        if layout.pp > 1:
+            constant = max(0.0, constant)
     if layout.state_offload == "optimizer":
-        largest = max(parameter_sizes(model, 1, model.num_layers, True, True))
-        if layout.zero_stage == 2:  # the fp32 staging buffer of one gradient
-            constant = FP32_BYTES * largest
-        if pinned:  # each flat group's partition and its gradient: exact sizes replaced
-            groups = [total_params(model) - no_decay_params(model), no_decay_params(model)]
-            flat = [FP32_BYTES * -(-n // shard) for n in groups]
-            copies = 3 if layout.zero_stage == 3 else 2
-            constant += copies * sum(pinned_bytes(b) - b for b in flat)
-            if layout.zero_stage == 2:
-                constant += pinned_bytes(FP32_BYTES * largest) - FP32_BYTES * largest
+        a = dtype_bytes(dtype)
+        groups = [total_params(model) - no_decay_params(model), no_decay_params(model)]
+        parts = [_shard_of(n, shard) for n in groups]
+        if layout.zero_stage == 2:  # the staging buffer of one gradient (compute dtype)
+            staging = a * max(parameter_sizes(model, 1, model.num_layers, True, True))
+            constant = staging
+            if pinned:
+                constant += _rounding_excess([staging])
+                for size in (FP32_BYTES, FP32_BYTES, a):  # partition, its gradient, its copy
+                    constant += _rounding_excess([size * n for n in parts])
+        elif pinned:
+            sub_groups = [
+                min(DEEPSPEED_SUB_GROUP_ELEMENTS, n - start)
+                for n in parts
+                for start in range(0, n, DEEPSPEED_SUB_GROUP_ELEMENTS)
+            ]
+            constant += _rounding_excess([FP32_BYTES * n for n in sub_groups])
+            constant += _rounding_excess([a * sum(parts)])  # the flat gradient buffer
     return per_param, constant, rounding
 
 
@@ -904,7 +943,7 @@ def layout_costs(
     fsdp2 = fsdp2_sharded(layout)
     # one parameter per shard: the backend's exact bytes per parameter after sharding
     unit = backend_states(layout, dtype, zero.shard_ranks)
-    host = host_states(layout, zero.shard_ranks)
+    host = host_states(layout, zero.shard_ranks, a)
     sharded_params = unit.params / zero.shard_ranks
     sharded_optimizer = unit.optimizer / zero.shard_ranks
     grads_per_param = unit.grads / zero.shard_ranks
@@ -919,7 +958,7 @@ def layout_costs(
     tied_root = fsdp2 and model.tie_embeddings and layout.pp == 1
     pinned = cluster.device == "cuda"  # host buffers beside a GPU are pinned
     host_per_param, host_constant, rounding = _host_state_coefficients(
-        model, layout, host, zero.shard_ranks, pinned
+        model, layout, host, zero.shard_ranks, pinned, dtype
     )
     loss_chunk = min(train.loss_chunk_tokens, rank.tokens)
     # + the gradient of the hidden states it returns (the saved hidden states are activations)

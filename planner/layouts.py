@@ -170,6 +170,19 @@ def backend_problems(layout: Layout) -> list[Problem]:
     problems = []
     offload = layout.state_offload
     runs_on = STATE_OFFLOAD_BACKEND.get(offload)
+    if (
+        offload == "optimizer"
+        and layout.zero_backend == "deepspeed"
+        and layout.zero_stage == 2
+        and layout.num_microbatches > 1
+    ):
+        message = (
+            "optimizer at ZeRO-2 with num_microbatches="
+            f"{layout.num_microbatches}: DeepSpeed then accumulates every gradient in a"
+            " pinned full-size host buffer, which memplan does not count; use one"
+            " micro-batch per step or ZeRO-3"
+        )
+        problems.append(Problem("layout.state_offload", message, f"state_offload={message}"))
     if runs_on and not (layout.zero_backend == runs_on and layout.zero_stage >= 2):
         how = "FSDP2's CPUOffloadPolicy" if runs_on == "fsdp2" else "DeepSpeed's offload_optimizer"
         message = (
@@ -334,6 +347,8 @@ def enumerate_layouts(
                             for zero in _zero_stages(
                                 planner.zero_stages, backend, bf16, dp * sp, offload != "none"
                             )
+                            # DeepSpeed ZeRO-2 offload accumulates on the host (backend_problems)
+                            if not (offload == "optimizer" and zero == 2 and g > 1)
                         )
     return layouts
 

@@ -47,6 +47,7 @@ def _host_tensors(runtime) -> list:
             *getattr(zero, "fp32_partitioned_groups_flat", []),
         ]
         tensors = [*masters, *(m.grad for m in masters if m.grad is not None)]
+        tensors += list(getattr(zero, "param_buffer_of_bit16_for_cpu_offload_groups", []))
         for name in ("temp_grad_buffer_for_cpu_offload", "grad_partitions_flat_buffer"):
             buffer = getattr(zero, name, None)
             if isinstance(buffer, torch.Tensor):

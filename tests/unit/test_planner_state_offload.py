@@ -90,8 +90,14 @@ def test_each_backend_runs_its_own_kind_of_state_offload_at_zero_2_and_3():
     for fields in (
         {"zero_stage": 2, "state_offload": "all"},
         {"zero_stage": 3, "zero_backend": "deepspeed", "state_offload": "optimizer"},
+        {"zero_stage": 2, "zero_backend": "deepspeed", "state_offload": "optimizer"},
     ):
         assert not plan_problems(manual_plan(cfg, dp=2, micro_batch_size=8, **fields)), fields
+    # DeepSpeed ZeRO-2 offload with gradient accumulation keeps uncounted host buffers
+    accumulating = {"zero_stage": 2, "zero_backend": "deepspeed", "state_offload": "optimizer"}
+    problems = plan_problems(manual_plan(cfg, dp=2, micro_batch_size=4, **accumulating))
+    assert [p.key for p in problems] == ["layout.state_offload"]
+    assert "num_microbatches=2" in problems[0].message
 
 
 def test_deepspeed_offloads_the_optimizer_and_keeps_the_bf16_weights():
