@@ -77,6 +77,19 @@ accelerator.end_training()
 """
 
 
+def printed_objects(stdout: str) -> list[dict]:
+    """The JSON objects the processes printed; two ranks writing to one pipe at once can put
+    theirs on one line, so each line is decoded object by object."""
+    decoder, found = json.JSONDecoder(), []
+    for line in stdout.splitlines():
+        start = line.find("{")
+        while start != -1:
+            value, end = decoder.raw_decode(line, start)
+            found.append(value)
+            start = line.find("{", end)
+    return found
+
+
 def test_exported_accelerate_config_launches_two_processes(tmp_path):
     out = tmp_path / "accelerate.yaml"
     overrides = [*OVERRIDES, "planner.zero_stages=[3]", "planner.zero_backend=fsdp2"]
@@ -95,7 +108,7 @@ def test_exported_accelerate_config_launches_two_processes(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
-    seen = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    seen = printed_objects(run.stdout)
     assert sorted(s["rank"] for s in seen) == [0, 1]
     assert all(s["world"] == 2 for s in seen)
     # the settings the YAML names reach the processes (accelerate's FSDP env variables)
