@@ -102,6 +102,7 @@ from planner.params import (
     parameter_sizes,
     pinned_bytes,
     pinned_shard_bytes,
+    shard_numel,
     total_params,
 )
 from planner.plan import Layout
@@ -806,15 +807,11 @@ def host_states(layout: Layout, num_params: int, dtype_bytes: int) -> ModelState
         return ModelStateBytes(params=0, grads=0, optimizer=0)
     states = fsdp2_state_bytes(num_params, shard)
     if layout.state_offload == "optimizer":
-        extra = dtype_bytes * _shard_of(num_params, shard)
+        extra = dtype_bytes * shard_numel(num_params, shard)
         if layout.zero_stage == 2:
             return dataclasses.replace(states, params=states.params + extra)
         return dataclasses.replace(states, grads=states.grads + extra)
     return states
-
-
-def _shard_of(count: int, ranks: int) -> int:
-    return -(-count // ranks)
 
 
 DEEPSPEED_SUB_GROUP_ELEMENTS = 10**9
@@ -846,20 +843,20 @@ def _host_state_coefficients(
     tensors' share is only ever added, never subtracted: not every rank holds them."""
     per_param = host.total / shard
     layer = parameter_sizes(model, layout.tp, 1, False, False)
-    exact = FP32_BYTES * sum(-(-n // shard) for n in layer)
+    exact = FP32_BYTES * sum(shard_numel(n, shard) for n in layer)
     rounding = pinned_shard_bytes(layer, shard, FP32_BYTES) / exact if pinned else 1.0
     constant = 0.0
     if layout.state_offload == "all" and pinned:  # parameters and gradients pinned
         per_param += 2 * FP32_BYTES / shard * (rounding - 1.0)
         root = parameter_sizes(model, layout.tp, 0, True, True)
-        root_exact = FP32_BYTES * sum(-(-n // shard) for n in root)
+        root_exact = FP32_BYTES * sum(shard_numel(n, shard) for n in root)
         constant = 2 * (pinned_shard_bytes(root, shard, FP32_BYTES) - rounding * root_exact)
         if layout.pp > 1:
             constant = max(0.0, constant)
     if layout.state_offload == "optimizer":
         a = dtype_bytes(dtype)
         groups = [total_params(model) - no_decay_params(model), no_decay_params(model)]
-        parts = [_shard_of(n, shard) for n in groups]
+        parts = [shard_numel(n, shard) for n in groups]
         if layout.zero_stage == 2:  # the staging buffer of one gradient (compute dtype)
             staging = a * max(parameter_sizes(model, 1, model.num_layers, True, True))
             constant = staging

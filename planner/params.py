@@ -67,8 +67,10 @@ class ModelStateBytes:
         return self.params + self.grads + self.optimizer
 
 
-def _shard(count: int, ranks: int) -> int:
-    return -(-count // ranks)  # ceil: the last rank's shard is padded
+def shard_numel(count: int, ranks: int) -> int:
+    """Elements of one rank's shard of `count` elements over `ranks` (ceil: the last rank's
+    shard is padded)."""
+    return -(-count // ranks)
 
 
 def model_state_bytes(
@@ -77,7 +79,7 @@ def model_state_bytes(
     """Model states of `num_params` parameters held by one GPU under ZeRO-`zero_stage`,
     sharded over `shard_ranks` ranks (the ZeRO paper's Nd)."""
     per = StateBytesPerParam.of(dtype)
-    shard = _shard(num_params, shard_ranks)
+    shard = shard_numel(num_params, shard_ranks)
     return ModelStateBytes(
         params=per.params * (shard if zero_stage >= 3 else num_params),
         grads=per.grads * (shard if zero_stage >= 2 else num_params),
@@ -90,7 +92,7 @@ def fsdp2_state_bytes(num_params: int, shard_ranks: int) -> ModelStateBytes:
     in both dtypes: the sharded parameter is the fp32 master (4 / Nd), its gradient shard is
     fp32 (4 / Nd: gradients are reduced in fp32), Adam's m and v 8 / Nd. The compute-dtype
     copies FSDP2 all-gathers per unit are working set, not states (planner/costs.py)."""
-    shard = _shard(num_params, shard_ranks)
+    shard = shard_numel(num_params, shard_ranks)
     return ModelStateBytes(params=4 * shard, grads=4 * shard, optimizer=8 * shard)
 
 
@@ -104,7 +106,7 @@ def pinned_bytes(num_bytes: int) -> int:
 def pinned_shard_bytes(sizes: list[int], shard_ranks: int, element_bytes: int) -> int:
     """Pinned bytes of one rank's shard of each tensor (`sizes`: element counts), each its
     own allocation, as FSDP2 and the checkpoint snapshot pin them."""
-    return sum(pinned_bytes(element_bytes * _shard(n, shard_ranks)) for n in sizes)
+    return sum(pinned_bytes(element_bytes * shard_numel(n, shard_ranks)) for n in sizes)
 
 
 def no_decay_params(model: ModelConfig) -> int:
@@ -130,7 +132,7 @@ def deepspeed_offload_state_bytes(
         return ModelStateBytes(params=whole, grads=0, optimizer=0)
     if zero_stage == 3:
         return ModelStateBytes(
-            params=dtype_bytes * _shard(num_params, shard_ranks), grads=0, optimizer=0
+            params=dtype_bytes * shard_numel(num_params, shard_ranks), grads=0, optimizer=0
         )
     raise ValueError(f"zero_stage={zero_stage}; DeepSpeed offloads the optimizer at 2 and 3")
 
@@ -140,7 +142,7 @@ def deepspeed_state_bytes(num_params: int, shard_ranks: int, zero_stage: int) ->
     own estimators count them (estimate_zero2/3_model_states_mem_needs: 2 Psi + 18 Psi / Nd
     and 18 Psi / Nd, the fp32 gradient partition included; ZeRO-3's 4 x largest-layer term is
     working set, planner/costs.py)."""
-    shard = _shard(num_params, shard_ranks)
+    shard = shard_numel(num_params, shard_ranks)
     if zero_stage == 2:  # bf16 params whole; bf16 + fp32 gradient partitions; master, m, v
         return ModelStateBytes(params=2 * num_params, grads=6 * shard, optimizer=12 * shard)
     if zero_stage == 3:
