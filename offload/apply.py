@@ -30,8 +30,12 @@ class ActivationRuntime:
     """What the layers of one model share: the host pool, the copy streams, the prefetch
     chain (which layer forward comes before which) and the per-layer measurements."""
 
-    def __init__(self, pool: HostBufferPool | None = None) -> None:
+    def __init__(self, pool: HostBufferPool | None = None, fetch: str = "prefetch") -> None:
+        if fetch not in ("prefetch", "on_demand"):
+            raise ValueError(f"fetch must be 'prefetch' or 'on_demand', got {fetch!r}")
         self.pool = pool
+        self.on_demand = fetch == "on_demand"
+        """layout.activation_fetch: host data comes back tensor by tensor, nothing ahead."""
         self._streams: dict[torch.device, CopyStreams] = {}
         self._last: weakref.ref[LayerForward] | None = None
         self.engines: dict[int, LayerActivationEngine] = {}
@@ -121,14 +125,16 @@ def apply_activation_plan(
     pool: HostBufferPool | None = None,
     *,
     sequence_parallel: int = 1,
+    fetch: str = "prefetch",
 ) -> ActivationRuntime:
     """Apply plan.layers to EVERY decoder layer present (a pipeline stage holds some of
     them), matched by layer_index, keep-all layers included so that each is measured;
     returns the runtime that measures them (`memplan profile`, tests, benchmarks).
 
-    Usage: `apply_activation_plan(model.layers.values(), plan.layers, sequence_parallel=sp)`.
+    Usage: `apply_activation_plan(model.layers.values(), plan.layers, sequence_parallel=sp,
+    fetch=plan.layout.activation_fetch)`.
     """
-    runtime = ActivationRuntime(pool)
+    runtime = ActivationRuntime(pool, fetch)
     _apply(layers, policies, runtime, sequence_parallel, skip_keep_all=False)
     return runtime
 

@@ -36,7 +36,12 @@ last dropped tensor, as torch.utils.checkpoint's early stop does: the pre-attent
 recomputes only its norm, the post-attention region and full recomputation stop before w2.
 
 Backward: the first unpack of a layer fetches its own host data (if not already in flight)
-and starts the prefetch of the layer processed next in backward (MEMO: one layer ahead).
+and starts the prefetch of the layer processed next in backward (MEMO: one layer ahead), so
+the copies overlap compute. With the plan's layout.activation_fetch = "on_demand" nothing is
+fetched ahead: each storage comes back when autograd first unpacks it (as torch's
+save_on_cpu unpacks one tensor at a time) and is freed with its last saved view, so at a
+layer's SwiGLU backward only the SwiGLU's inputs of that layer are back, not the whole
+layer and the next one; the copies then have nothing to hide behind (planner/timing.py).
 
 Why not torch.utils.checkpoint and selective-checkpoint policies for the recompute modes:
 they re-run a whole region for all of its tokens, while token-wise recomputation regenerates
@@ -396,10 +401,15 @@ class LayerForward:
 
     # ---- backward ------------------------------------------------------------------------
     def on_unpack(self) -> None:
-        """Called by every handle: the first one fetches this layer and prefetches the next."""
+        """Called by every handle: the first one fetches this layer and prefetches the next.
+        Fetching on demand (layout.activation_fetch), nothing is fetched ahead: each record
+        brings its own host part back when it is first unpacked (records.py storage())."""
         if self.backward_started:
             return
         self.backward_started = True
+        if self.engine.runtime.on_demand:
+            self.prev = None
+            return
         self.fetch()
         prev, self.prev = self.prev, None
         if prev is not None:

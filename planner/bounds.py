@@ -115,7 +115,10 @@ def bounds(costs: LayoutCosts, num_layers: int) -> Bounds:
             (first.params + costs.layer_params, costs.layer_backward_bytes(False) + one),
         ]
     per = costs.grads_bytes_per_param
-    memory = states + root + costs.full_layer_bytes
+    # one layer's activations at its SwiGLU-backward instant: all of them, fetched ahead or
+    # kept (planner/memory.py back_on_device_bytes); fetched on demand, at least the SwiGLU's
+    one_layer = costs.swiglu_saved_bytes if costs.on_demand else costs.full_layer_bytes
+    memory = states + root + one_layer
     memory += max(working_set - per * pending for pending, working_set in instants)
     # host RAM: every GPU of a node holds the host-resident states of its rank's parameters;
     # the lightest rank holds all of them (pp = 1) or at least one layer per local stage

@@ -111,8 +111,14 @@ from planner.units import GIB
 ADAM_BYTES_PER_PARAM = 28
 """Optimizer step traffic per parameter of the optimizer shard: fp32 master (or fp32 params),
 m and v read and written (24) + the gradient read and the parameter written."""
-NORM_BACKWARD_FP32_TENSORS = 3
-"""fp32 [T, H] temporaries alive at once in framework/components/ops.py's RMSNorm backward."""
+NORM_BACKWARD_FP32_TENSORS = 4
+"""fp32 [T, H] temporaries alive at once in framework/components/ops.py's RMSNorm backward
+at the layer's last instant (traced with torch's MemTracker / FSDPMemTracker at four widths,
+bf16 and fp32: with NORM_BACKWARD_GRADIENTS, 3 [T, H] bf16 / 2 fp32 more than the three
+that were counted before; it became the peak with activations fetched on demand)."""
+NORM_BACKWARD_GRADIENTS = 2
+"""Compute-dtype [T, H] gradients at that instant: the incoming one and the residual
+stream's."""
 FINAL_NORM_FP32_TENSORS = 4
 """fp32 [T, H] temporaries alive at once in the final norm's backward (measured with torch's
 MemTracker: one more than in a layer's norms)."""
@@ -252,6 +258,13 @@ class LayoutCosts:
     """The attention-norm-backward instant, the layer's last (layer_workspace_bytes)."""
     input_bytes: float
     """One layer's input [T, H]: what is left of its activations at its last instant."""
+    swiglu_saved_bytes: float
+    """The SwiGLU's saved tensors of one layer, its inputs a = w1 h2, b = w3 h2 and its
+    product p ([T, F] each): what of a layer must be on the device at its SwiGLU-backward
+    instant under any policy (kept, fetched back or recomputed)."""
+    attention_output_bytes: float
+    """o [T, heads / tp x head_dim]: the attention core's output, with the layer input x
+    the post-attention region's inputs (anchors)."""
     arriving_grads_bytes: tuple[float, float]
     """Outside FSDP2, the gradients (of the states) one layer's backward has produced at its
     SwiGLU-backward instant (w2's) and at its last instant (all), where a step's gradients
@@ -295,6 +308,12 @@ class LayoutCosts:
     host_link: float
     """Host<->device copy bytes/s of one GPU, each direction."""
     gpus_per_node: int
+
+    @property
+    def on_demand(self) -> bool:
+        """layout.activation_fetch = "on_demand": offloaded activations come back tensor by
+        tensor when autograd unpacks them, nothing fetched ahead (offload/engine.py)."""
+        return self.layout.activation_fetch == "on_demand"
 
     @property
     def states_per_param(self) -> StateBytesPerParam:
@@ -738,13 +757,14 @@ def layer_workspace_bytes(
       while the product (saved by w2) is already freed: net 3 [T, F] + 1 [T, H], beside
       w2's weight gradient (own_grads[0]).
     - The attention norm's backward, the layer's last op: NORM_BACKWARD_FP32_TENSORS fp32
-      [T, H] temporaries and the incoming gradient, beside every weight gradient of the
+      [T, H] temporaries and NORM_BACKWARD_GRADIENTS gradients, beside every weight gradient of the
       layer (own_grads[1]); the layer's activations are freed by then except its input
       (LayoutCosts.layer_end_bytes adds it).
     own_grads: the bytes of those gradients where the runtime holds them apart from the
     gradients counted as states (FSDP2's unsharded gradient, torch's param.grad)."""
     swiglu = tokens * a * (SWIGLU_BACKWARD_TENSORS * ffn + hidden) + own_grads[0]
-    norm = tokens * hidden * (NORM_BACKWARD_FP32_TENSORS * FP32_BYTES + a) + own_grads[1]
+    norm = tokens * hidden * (NORM_BACKWARD_FP32_TENSORS * FP32_BYTES + NORM_BACKWARD_GRADIENTS * a)
+    norm += own_grads[1]
     return swiglu, norm
 
 
@@ -1008,6 +1028,8 @@ def layout_costs(
         mlp_workspace_bytes=mlp_workspace,
         end_workspace_bytes=end_workspace,
         input_bytes=rank.hidden_bytes,
+        swiglu_saved_bytes=3 * rank.tokens * ffn * a,
+        attention_output_bytes=rank.tokens * rank.q * a,
         arriving_grads_bytes=(0.0, 0.0) if fsdp2 else arriving,
         zero_layer_transient_bytes=(
             # FSDP2: the layer's own and the next layer's gathered parameters (ZeRO-3; on

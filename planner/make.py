@@ -7,7 +7,8 @@ MILP, and the explanation when nothing fits.
    layout can be faster by more than planner.mip_gap or planner.time_limit_seconds runs out.
 4. Turn the best solution into per-layer policies, evaluate them exactly (planner/assemble.py
    with planner/memory.py and planner/timing.py). The simple policies a user could set by
-   hand (planner/baselines.py: keep, selective, full, offload everything) are evaluated the
+   hand (planner/baselines.py: keep, selective, full, offload everything fetched ahead or,
+   as torch's save_on_cpu, on demand) are evaluated the
    same way on every layout whose bounds let them fit and beat that plan; the fastest
    plan that fits is returned, so it never loses to one of them.
 5. If time ran out before any solve found a plan (near the memory limit the fastest
@@ -28,12 +29,12 @@ import time
 
 from configs.schema import Config
 from planner.assemble import build_plan, layer_policies
-from planner.baselines import Baseline, fitting_baselines
+from planner.baselines import BASELINES, Baseline, baseline_layout, fitting_baselines
 from planner.errors import NoFeasiblePlan
 from planner.explain import explain_infeasible
 from planner.milp import solver_name
 from planner.plan import Plan, SolverInfo
-from planner.search import layout_candidates, probe, search
+from planner.search import Candidate, layout_candidates, probe, search
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +94,19 @@ def _faster_baseline(cfg: Config, plan: Plan | None, solver: SolverInfo) -> Base
     for cand in sorted(layout_candidates(cfg), key=lambda c: c.time_bound):
         if beat is not None and cand.time_bound >= beat:
             break  # no later layout can beat it
+        names = BASELINES
         if cand.memory_bound > cand.costs.budget_bytes:
-            continue
-        for found in fitting_baselines(cfg, cand.layout, cand.costs, solver):
+            # only fetching on demand can fit (its bound is lower: planner/bounds.py)
+            if not cand.costs.offload or not _on_demand_may_fit(cfg, cand):
+                continue
+            names = ("save_on_cpu",)
+        for found in fitting_baselines(cfg, cand.layout, cand.costs, solver, names):
             if beat is None or found.plan.time.step_seconds < beat:
                 best, beat = found, found.plan.time.step_seconds
     return best
+
+
+def _on_demand_may_fit(cfg: Config, cand: Candidate) -> bool:
+    """Whether the layout's memory bound, fetching on demand, is within the GPU budget."""
+    twin = Candidate.of(cfg, baseline_layout("save_on_cpu", cand.layout))
+    return twin.memory_bound <= twin.costs.budget_bytes

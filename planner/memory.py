@@ -70,10 +70,11 @@ def _rank_inputs(
     groups: list[list[LayerPlan]],
     per_layer: list[LayerActivationBytes],
     p: int,
-) -> tuple[int, ModelStateBytes, list[LayerPlan], float, list[float]]:
+) -> tuple[int, ModelStateBytes, list[LayerPlan], float, list[float], list[float]]:
     """What one GPU of pp rank p holds: (parameters, model states, its layers, what it holds
     once through forward and backward, per layer in backward order its activations back
-    on the device at its SwiGLU backward plus the next layer's prefetch)."""
+    on the device at its SwiGLU backward plus the next layer's prefetch, and that prefetch
+    alone)."""
     chunk_list = stages.rank_stages[p]
     last = stages.num_stages - 1
     psi = rank_params(costs, stages, groups, p)
@@ -92,9 +93,11 @@ def _rank_inputs(
     ordered = sorted(mine, key=lambda item: item.index, reverse=True)
     back = [back_on_device_bytes(costs, layer, per_layer[layer.index]) for layer in ordered]
     fetched = [restored_bytes(costs, layer, per_layer[layer.index]) for layer in ordered]
+    if costs.on_demand:  # nothing is fetched ahead
+        fetched = [0.0] * len(ordered)
     fetched.append(0.0)
     rematerialised = [own + fetched[k + 1] for k, own in enumerate(back)]
-    return psi, states, mine, buffers, rematerialised
+    return psi, states, mine, buffers, rematerialised, fetched[1:]
 
 
 def predict_phase_peaks(plan: Plan, cfg: Config) -> dict[str, int]:
@@ -107,13 +110,13 @@ def predict_phase_peaks(plan: Plan, cfg: Config) -> dict[str, int]:
     stages = StageMap.of(plan.layout, cfg.cluster.gpus_per_node)
     groups = stage_layers(plan)
     per_layer = predict_layer_activation_bytes(plan, cfg)
-    _, states, mine, buffers, rematerialised = _rank_inputs(
+    _, states, mine, buffers, rematerialised, ahead = _rank_inputs(
         cfg, costs, stages, groups, per_layer, 0
     )
     constant = costs.stage_constant_bytes(0, stages.num_stages)
     peaks: dict[str, int] = {}
     for phase, act, grads, transient in backward_instants(
-        costs, mine, per_layer, constant, rematerialised, buffers
+        costs, mine, per_layer, constant, rematerialised, buffers, ahead
     ):
         total = round(states.total - states.grads + grads + act + buffers + transient)
         peaks[phase] = max(peaks.get(phase, 0), total)
@@ -127,10 +130,40 @@ def back_on_device_bytes(
     its SwiGLU-backward instant (measured with torch's MemTracker at real widths): its
     offloaded tokens (fetched before its backward) and its recomputed tensors, except that
     selective recomputation has regenerated only the SwiGLU product p by then (h1 and h2
-    follow with the norms' backward)."""
-    back = restored_bytes(costs, layer, saved) + saved.recomputed_bytes
+    follow with the norms' backward).
+
+    Fetched on demand (costs.on_demand), of its offloaded tokens only those of the SwiGLU's
+    saved tensors are back by then (a, b and, without selective recomputation, p: each
+    storage returns when autograd first unpacks it; the other tensors come back in their
+    own ops' backward, later), and only the post-attention region has regenerated its
+    recomputed tokens, from its inputs x and o, which are then back on the device whole
+    (traced with torch's FSDPMemTracker: tests/unit/test_trace_accuracy.py)."""
+    if costs.on_demand and layer.recompute != "full":
+        back = _on_demand_back_bytes(costs, layer, saved)
+    else:
+        back = restored_bytes(costs, layer, saved) + saved.recomputed_bytes
     if layer.recompute == "selective":
         back -= 2 * costs.boundary_bytes  # h1 and h2: [T, H] each
+    return back
+
+
+def _on_demand_back_bytes(
+    costs: LayoutCosts, layer: LayerPlan, saved: LayerActivationBytes
+) -> float:
+    """back_on_device_bytes of a split-mode layer fetched on demand (its docstring)."""
+    seq = costs.seq_local
+    offloaded, recomputed = token_split(seq, layer.offload_fraction, layer.recompute_fraction)
+    selective = layer.recompute == "selective"
+    swiglu = costs.swiglu_saved_bytes * (2 / 3 if selective else 1.0)  # p is a recipe
+    back = swiglu * offloaded / seq + saved.recomputed_bytes
+    if recomputed:
+        # the attention region's recomputed tokens (rstd1, and h1 unless it is a recipe)
+        # are not regenerated yet; the post-attention region's inputs are back whole
+        rstd = costs.tokens * FP32_BYTES
+        back -= (rstd + (0 if selective else costs.boundary_bytes)) * recomputed / seq
+        anchors_off, _ = token_split(seq, layer.anchor_offload_fraction, 0.0)
+        inputs = costs.boundary_bytes + costs.attention_output_bytes
+        back += inputs * anchors_off / seq
     return back
 
 
@@ -157,14 +190,16 @@ def predict_stage_memory(plan: Plan, cfg: Config) -> list[PipelineRankMemory]:
     last = stages.num_stages - 1
     result = []
     for p, chunk_list in enumerate(stages.rank_stages):
-        psi, states, mine, buffers, rematerialised = _rank_inputs(
+        psi, states, mine, buffers, rematerialised, ahead = _rank_inputs(
             cfg, costs, stages, groups, per_layer, p
         )
         holds_last = last in chunk_list
         grads_pending = 0.0
         if costs.grads_follow_backward:  # pp = 1: one rank, one stage, one micro-batch
             constant = costs.stage_constant_bytes(0, stages.num_stages)
-            instants = backward_instants(costs, mine, per_layer, constant, rematerialised, buffers)
+            instants = backward_instants(
+                costs, mine, per_layer, constant, rematerialised, buffers, ahead
+            )
             act, grads_live, transient = max((i[1:] for i in instants), key=sum)
             grads_pending = max(0.0, states.grads - grads_live)
         else:
@@ -223,13 +258,15 @@ def backward_instants(
     constant: float,
     rematerialised: list[float],
     root: float,
+    ahead: list[float] | None = None,
 ) -> list[tuple[str, float, float, float]]:
     """(phase, activations, gradients, transient) at every instant that can hold the peak of
     a step whose gradients appear during its one backward (costs.grads_follow_backward),
     phases named as framework/measure/trace.py names them; `root`: the gathered root units
     (live throughout, counted by the caller), `rematerialised`: per layer in backward order,
     its activations back on the device at its SwiGLU backward and the next layer's
-    prefetched ones (back_on_device_bytes).
+    prefetched ones (back_on_device_bytes); `ahead`: per layer in backward order, the next
+    layer's prefetched activations alone (still there at the layer's last instant).
 
     Forward starts by gathering the root (FSDP2: its all-gather buffer beside the gathered
     copy). Backward runs the loss (the output layer's gradients accumulate over the logits
@@ -277,6 +314,7 @@ def backward_instants(
         moments.append((phase, acts, grads + arriving_mlp, working - unfetched))
         acts -= per_layer[layer.index].device_bytes
         end = costs.layer_end_bytes(first) + gathered - unfetched
+        end += ahead[position] if ahead else 0.0
         moments.append((phase, acts, grads + arriving_end, end))
         grads += layer_grads
         if zero2:

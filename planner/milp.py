@@ -469,10 +469,11 @@ class LayoutMilp:
             self._add_gpu_row(second - relax * (1 - two), f"{name}_second_layer", budget)
             if end_excess > 0:  # the ends can exceed the SwiGLU instants
                 relax_end = end_excess + layer_grads + gathered + 1e-3
-                end_first = live - one_layer + arriving_end + t_end_first
+                # the next layer's prefetch is still there at a layer's last instant
+                end_first = live - one_layer + arriving_end + t_end_first + prefetch
                 end_first -= relax_end * (1 - present)
                 self._add_gpu_row(end_first, f"{name}_end_of_first_layer", budget)
-                end_last = after - layer_grads + gathered + arriving_end + t_end[False]
+                end_last = after - layer_grads + gathered + arriving_end + t_end[False] + prefetch
                 end_last -= relax_end * (1 - present)
                 self._add_gpu_row(end_last, f"{name}_end_of_last_layer", budget)
         embedding = base + layer_grads * self.stage_layers[0]
@@ -658,6 +659,8 @@ def solve_layout(
     residue (planner/bounds.py computes them for the best integer layer split); valid cuts
     that spare the branch and bound proving them.
     """
+    if costs.on_demand:  # its rows bound prefetching layouts (planner/baselines.py has these)
+        raise ValueError("the MILP models layout.activation_fetch='prefetch' only")
     started = time.perf_counter()
     milp = LayoutMilp(costs, stages, num_layers, objective, floors)
     if not milp.largest_coefficient() <= LARGEST_COEFFICIENT:  # also NaN: out of range

@@ -36,6 +36,7 @@ PipelineSchedule = Literal[
 ]
 ZeroBackend = Literal["fsdp2", "deepspeed"]
 StateOffload = Literal["none", "optimizer", "all"]
+ActivationFetch = Literal["prefetch", "on_demand"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,12 @@ class Layout:
     "optimizer" (DeepSpeed ZeRO-2/3, offload_optimizer): the fp32 master weights, Adam's
     moments and the fp32 gradient partition; the device keeps the bf16 parameters (ZeRO-3:
     their shard). "none" keeps everything on the device."""
+    activation_fetch: ActivationFetch = "prefetch"
+    """How offloaded activations come back in backward (offload/engine.py). "prefetch": a
+    layer's host data whole when its backward starts, and the next layer's meanwhile, so the
+    copies overlap compute (MEMO). "on_demand": each saved storage when autograd first
+    unpacks it, nothing ahead (torch's save_on_cpu): only the tensors in use are back on the
+    device, and the copies wait for nothing to hide behind."""
 
     def __post_init__(self) -> None:
         batches = ("micro_batch_size", "num_microbatches", "virtual_stages")

@@ -66,7 +66,9 @@ def stage_time(
         token_recompute = mode.local_recompute_seconds * rec_tokens / costs.seq_local
         own = mode.backward_seconds + token_recompute
         copy = host / costs.host_link
-        exposed = max(0.0, copy - fwd_layer) + max(0.0, copy - own)
+        # fetched on demand, backward waits for each copy: nothing is in flight ahead of it
+        back_exposed = copy if costs.on_demand else max(0.0, copy - own)
+        exposed = max(0.0, copy - fwd_layer) + back_exposed
         backward += own + exposed
         compute += fwd_layer + mode_base
         recompute += own - mode_base

@@ -78,7 +78,9 @@ def run_profile(
 ) -> ProfileReport:
     """Run `steps` steps with the plan's policies (and, with baseline, again without them)."""
     model = build_stage_model(setup, device, seed)
-    runtime: ActivationRuntime = apply_activation_plan(model.layers.values(), setup.policies)
+    runtime: ActivationRuntime = apply_activation_plan(
+        model.layers.values(), setup.policies, fetch=plan.layout.activation_fetch
+    )
     inputs, targets, grad_out = stage_batch(setup, device, seed)
     step = StageStep(model, setup, device, None if setup.last_stage else grad_out, ledger=True)
     times, peak, allocations_after_first = _timed_steps(step, inputs, targets, steps, runtime)

@@ -12,6 +12,7 @@ every predicted phase (planner/memory.py predict_phase_peaks) with the trace.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,19 @@ TRACE_POLICIES = {
     "tokenwise": [(0.0, "none", 0.5, 0.0)],
     "offload_half": [(0.5, "none", 0.0, 0.0)],
     "anchors_half": [(0.25, "none", 0.25, 0.5)],
+    # fetched on demand (layout.activation_fetch): torch's save_on_cpu policy, and mixes
+    "save_on_cpu": [(1.0, "none", 0.0, 1.0)],
+    "on_demand_half": [(0.5, "none", 0.25, 0.5)],
+    "on_demand_selective": [(0.5, "selective", 0.25, 0.5)],
+    "on_demand_mix": [
+        (1.0, "none", 0.0, 1.0),
+        (0.5, "selective", 0.0, 0.5),
+        (0.0, "full", 0.0, 1.0),
+        (0.0, "none", 0.0, 0.0),
+    ],
 }
+ON_DEMAND = ("save_on_cpu", "on_demand_half", "on_demand_selective", "on_demand_mix")
+"""The policies whose layout fetches offloaded activations on demand."""
 PEAK_BELOW, PEAK_ABOVE, PHASE_TOLERANCE = 0.01, 0.03, 0.05
 """Issue 12's targets: every peak within -1% / +3% of traced, every phase within +-5%."""
 
@@ -90,6 +103,21 @@ TRACE_CASES = [
     _case("8B 32K dp8", [*W8B, *DP8, "train.seq_len=32768"], "offload_half"),
     _case("8B 32K dp8", [*W8B, *DP8, "train.seq_len=32768"], "anchors_half"),
     _case("8B 32K dp8", [*W8B, *DP8, "train.seq_len=32768"], "mix"),
+    _case("8B 32K dp8", [*W8B, *DP8, "train.seq_len=32768"], "save_on_cpu"),
+    _case("8B 32K dp8", [*W8B, *DP8, "train.seq_len=32768"], "on_demand_half"),
+    _case("8B 4 layers 32K dp8", ["model=llama3_8b", "model.num_layers=4", *DP8,
+                                  "train.seq_len=32768"], "on_demand_mix"),
+    _case("8B 32K dp8", [*W8B, *DP8, "train.seq_len=32768"], "on_demand_selective"),
+    _case("1B 4K CPU fp32, one process", [*W1B, *CPU, "train.seq_len=4096"], "save_on_cpu"),
+    _case("1B 8K sp2 (Ulysses)", [*W1B, "cluster=h100_8x", "cluster.gpus_per_node=2",
+                                  "train.seq_len=8192", "train.global_batch_size=1",
+                                  "planner.sp=2"], "on_demand_half"),
+    _case("7B 3 layers 4K dp8 ZeRO-2", ["model=llama2_7b", "model.num_layers=3", *DP8,
+                                        "train.seq_len=4096", "planner.zero_stages=[2]"],
+          "save_on_cpu"),
+    _case("8B 8K dp8, 4 micro-batches", [*W8B, "cluster=h100_8x", "train.seq_len=8192",
+                                         "train.global_batch_size=32",
+                                         "planner.max_micro_batch_size=1"], "save_on_cpu"),
     _case("8B 8K dp8, 4 micro-batches", [*W8B, "cluster=h100_8x", "train.seq_len=8192",
                                          "train.global_batch_size=32",
                                          "planner.max_micro_batch_size=1"]),
@@ -121,7 +149,9 @@ def with_policy(plan: Plan, cfg: Config, policy: str) -> Plan:
         LayerPlan(layer.index, layer.stage, *mixes[i % len(mixes)])
         for i, layer in enumerate(plan.layers)
     ]
-    return build_plan(cfg, plan.layout, layers, plan.solver)
+    fetch = "on_demand" if policy in ON_DEMAND else plan.layout.activation_fetch
+    layout = dataclasses.replace(plan.layout, activation_fetch=fetch)
+    return build_plan(cfg, layout, layers, plan.solver)
 
 
 def run_trace_case(case: TraceCase, cfg: Config) -> dict[str, Any]:

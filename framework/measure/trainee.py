@@ -150,7 +150,7 @@ class Trainee:
                 else HostTaggedPool(self.tracker)
             )
             # as the trainer's runtime applies it: keep-all layers get no engine (no hooks)
-            self.runtime = ActivationRuntime(self.pool)
+            self.runtime = ActivationRuntime(self.pool, plan.layout.activation_fetch)
             apply_layer_policies(layers, plan.layers, self.runtime)
             # one slab per layer, allocated now: the loop never allocates host memory
             slabs = {int(layer.layer_index): 1 for layer in layers}

@@ -105,7 +105,7 @@ class DeepSpeedRuntime:
         restore_torch_linear()
         model = StageModel(model_cfg, loss_chunk_tokens=train_cfg.loss_chunk_tokens).to(device)
         initialize_weights(model, model_cfg, train_cfg.seed)
-        self.activation_runtime = ActivationRuntime()
+        self.activation_runtime = ActivationRuntime(fetch=plan.layout.activation_fetch)
         apply_layer_policies(model.layers.values(), plan.layers, self.activation_runtime)
         # one micro-batch in flight: one host slab per offloading layer, allocated now
         slabs = {int(name): 1 for name in model.layers}

@@ -87,7 +87,7 @@ class ParallelRuntime:
         self.states_device = torch.device("cpu") if layout.state_offload == "all" else device
         stages = stage_layers(plan)
         pp_rank = mesh.pp.get_local_rank()
-        self.activation_runtime = ActivationRuntime()
+        self.activation_runtime = ActivationRuntime(fetch=plan.layout.activation_fetch)
         self.modules: list[StageModel] = []
         for stage in rank_stages(pp_rank, layout.pp, layout.virtual_stages, layout.pp_schedule):
             with torch.device("meta"):

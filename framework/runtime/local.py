@@ -132,6 +132,7 @@ def build_local_runtime(
     model = build_model(model_cfg).to_empty(device=device)
     initialize_weights(model, model_cfg, train_cfg.seed)
     runtime = LocalRuntime(model, train_cfg, plan.layout.micro_batch_size, device, dtype)
+    runtime.activation_runtime = ActivationRuntime(fetch=plan.layout.activation_fetch)
     apply_layer_policies(model.layers.values(), plan.layers, runtime.activation_runtime)
     slabs = {int(layer.layer_index): 1 for layer in model.layers.values()}
     reserve_plan_host_memory(runtime.activation_runtime, device, model_cfg, plan, slabs)

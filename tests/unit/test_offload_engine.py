@@ -12,6 +12,7 @@ from framework.components.loss import chunked_cross_entropy
 from framework.components.model import build_model, causal_attention, materialize
 from launch.compose import compose_config
 from offload import (
+    ActivationRuntime,
     apply_activation_plan,
     apply_activation_policy,
     remove_activation_policy,
@@ -39,10 +40,12 @@ def _batch(cfg, batch=2, seq=SEQ, seed=0):
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def _run(cfg, policies, inputs, targets):
+def _run(cfg, policies, inputs, targets, fetch="prefetch"):
     """Loss and gradients of one forward/backward, and the runtime (None without policies)."""
     model = materialize(build_model(cfg), "cpu", 0)
-    runtime = apply_activation_plan(model.layers.values(), policies) if policies else None
+    runtime = (
+        apply_activation_plan(model.layers.values(), policies, fetch=fetch) if policies else None
+    )
     loss = chunked_cross_entropy(model(inputs), model.output_weight(), targets, 32)
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
@@ -79,6 +82,20 @@ def test_loss_and_every_gradient_equal_the_plain_run(small_cfg, mix, batch):
     loss, grads, _ = _run(small_cfg, policies, inputs, targets)
     assert abs(loss.item() - ref_loss.item()) <= 1e-6 * abs(ref_loss.item())
     assert grads.keys() == ref_grads.keys()
+    for name, ref in ref_grads.items():
+        assert _relative(grads[name], ref) <= 1e-6, name
+
+
+@settings(
+    max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(mix=st.lists(policy_strategy, min_size=3, max_size=3))
+def test_fetching_on_demand_gives_the_plain_gradients(small_cfg, mix):
+    inputs, targets = _batch(small_cfg)
+    ref_loss, ref_grads, _ = _run(small_cfg, None, inputs, targets)
+    policies = [_layer_plan(i, *choice) for i, choice in enumerate(mix)]
+    loss, grads, _ = _run(small_cfg, policies, inputs, targets, fetch="on_demand")
+    assert abs(loss.item() - ref_loss.item()) <= 1e-6 * abs(ref_loss.item())
     for name, ref in ref_grads.items():
         assert _relative(grads[name], ref) <= 1e-6, name
 
@@ -270,6 +287,46 @@ def test_backward_prefetches_one_layer_ahead(small_cfg, monkeypatch):
         ("backward", 1), ("fetch", 0),               # layer 1 was prefetched by layer 2
         ("backward", 0),
     ]  # fmt: skip
+
+
+def test_fetching_on_demand_brings_back_each_storage_when_it_is_unpacked(small_cfg, monkeypatch):
+    """layout.activation_fetch = on_demand: no layer is fetched whole or ahead; a record's
+    host part comes back in the backward of its own layer, one record at a time."""
+    events = []
+    backward_of = []
+    original_on_unpack, original_fetch = LayerForward.on_unpack, LayerForward.fetch
+    original_record_fetch = OffloadRecord.fetch
+
+    def on_unpack(self):
+        if not self.backward_started:
+            backward_of.append(self.engine.position)
+        original_on_unpack(self)
+
+    def fetch(self):
+        events.append(("layer fetch", self.engine.position))
+        original_fetch(self)
+
+    def record_fetch(self):
+        if self.fetched is None and self.full is None:
+            events.append(("record", self.owner.engine.position, backward_of[-1]))
+        original_record_fetch(self)
+
+    monkeypatch.setattr(LayerForward, "on_unpack", on_unpack)
+    monkeypatch.setattr(LayerForward, "fetch", fetch)
+    monkeypatch.setattr(OffloadRecord, "fetch", record_fetch)
+    policies = [LayerPlan(i, 0, 1.0, "none", 0.0, 1.0) for i in range(3)]
+    inputs, targets = _batch(small_cfg)
+    _run(small_cfg, policies, inputs, targets, fetch="on_demand")
+    assert backward_of == [2, 1, 0]
+    assert not [e for e in events if e[0] == "layer fetch"], events
+    records = [e for e in events if e[0] == "record"]
+    assert records and all(own == current for _, own, current in records), records
+    assert {own for _, own, _ in records} == {0, 1, 2}
+
+
+def test_an_unknown_fetch_mode_is_refused():
+    with pytest.raises(ValueError, match="on_demand"):
+        ActivationRuntime(fetch="later")
 
 
 def test_a_core_output_in_its_own_storage_is_an_anchor_too(small_cfg):
