@@ -17,7 +17,8 @@ from torch import nn
 
 from configs.schema import ModelConfig
 from offload.engine import LayerActivationEngine, LayerActivationStats, LayerForward, make_pool
-from offload.pool import ALIGN_BYTES, HostBufferPool
+from offload.pool import ALIGN_BYTES, HostBufferPool, SlabLease, align_up
+from offload.records import SharedTableRecord, StorageKey
 from offload.streams import CopyStreams
 from planner.activations import LayerShape, layer_activation_bytes
 from planner.costs import dtype_bytes
@@ -40,7 +41,30 @@ class ActivationRuntime:
         self._last: weakref.ref[LayerForward] | None = None
         self.engines: dict[int, LayerActivationEngine] = {}
         """Engines by layer index."""
+        self._tables: dict[StorageKey, tuple[weakref.ref[torch.Tensor], SharedTableRecord]] = {}
+        """Fetching on demand: the shared tables' host copies, by the device table."""
         self._layers: list[weakref.ref[nn.Module]] = []
+
+    def shared_table(
+        self, table: torch.Tensor, key: StorageKey, streams: CopyStreams, pool: HostBufferPool
+    ) -> SharedTableRecord:
+        """The host copy of a table every layer of this forward saves (fetching on demand):
+        made by the first layer that sees it, reused by the others while the table lives.
+        key: the table's storage identity (the engine's offload.engine.storage_key)."""
+        known = self._tables.get(key)
+        if known is not None and known[0]() is table:
+            return known[1]
+        # the copies of tables that died (an earlier step's) go back to the pool first, so
+        # that this one reuses their slab
+        self._tables = {k: v for k, v in self._tables.items() if v[0]() is not None}
+        lease = SlabLease(pool, align_up(table.untyped_storage().nbytes()))
+        record = SharedTableRecord(table, lease, streams)
+        self._tables[key] = (weakref.ref(table), record)
+        return record
+
+    def table_buffers(self) -> list[torch.Tensor]:
+        """The host slabs the shared tables' copies hold now (leased from the pool)."""
+        return [record.lease.buffer for _, record in self._tables.values()]
 
     def resources(self, device: torch.device) -> tuple[CopyStreams, HostBufferPool]:
         """Copy streams and the host pool for `device` (created on first use)."""

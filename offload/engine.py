@@ -42,6 +42,8 @@ fetched ahead: each storage comes back when autograd first unpacks it (as torch'
 save_on_cpu unpacks one tensor at a time) and is freed with its last saved view, so at a
 layer's SwiGLU backward only the SwiGLU's inputs of that layer are back, not the whole
 layer and the next one; the copies then have nothing to hide behind (planner/timing.py).
+The RoPE tables, which every layer saves, go to the host too (once per step, shared by the
+layers: records.SharedTableRecord), so after the forward no device copy of them is left.
 
 Why not torch.utils.checkpoint and selective-checkpoint policies for the recompute modes:
 they re-run a whole region for all of its tokens, while token-wise recomputation regenerates
@@ -75,6 +77,7 @@ from offload.records import (
     RecipeHandle,
     Record,
     Region,
+    SharedTableRecord,
     StorageKey,
     TokenSplitRecord,
     ViewMeta,
@@ -202,6 +205,13 @@ class LayerForward:
         self.shared = {storage_key(table): table.untyped_storage().nbytes() for table in rope}
         """The RoPE tables every layer saves (bytes outside any one layer)."""
         self.external |= set(self.shared)
+        self.shared_tables: dict[StorageKey, SharedTableRecord] = {}
+        """Fetching on demand: the tables' one host copy for the step, by storage."""
+        if engine.runtime.on_demand:
+            for table in rope:
+                key = storage_key(table)
+                record = engine.runtime.shared_table(table, key, self.streams, self.pool)
+                self.shared_tables[key] = record
         self.autocast_enabled = torch.is_autocast_enabled(self.device.type)
         self.autocast_dtype = torch.get_autocast_dtype(self.device.type)
         self.d2h_event: torch.cuda.Event | None = None
@@ -227,6 +237,9 @@ class LayerForward:
         record = self.records.get(key)
         if record is not None:
             return record.handle(tensor)  # type: ignore[attr-defined]
+        table = self.shared_tables.get(key)
+        if table is not None:
+            return table.handle(tensor)
         if key in self.external or tensor.untyped_storage().nbytes() == 0:
             return tensor
         recipe = self.recipes.get(key)
@@ -323,6 +336,8 @@ class LayerForward:
         layer's input), and the forward's own references to them are gone. Records with a
         host part wait for finish(), where one slab takes the whole layer's host data."""
         start, stop = (0, self.seq) if kind == FULL else self.recompute_span
+        if rope is not None and self.shared_tables:  # not the device tables: their host copy
+            rope = tuple(self.shared_tables[storage_key(t)].handle(t) for t in rope)
         region = Region(self, kind, fn, rope, start, stop, self.seq)
         if stop > start:
             region.inputs = [self._classify(t, None) for t in inputs]

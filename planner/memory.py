@@ -216,6 +216,8 @@ def predict_stage_memory(plan: Plan, cfg: Config) -> list[PipelineRankMemory]:
                     count * (device[c] + costs.stage_constant_bytes(c, stages.num_stages))
                     for count, c in zip(vec, chunk_list, strict=True)
                 )
+                if tables_on_host(costs, mine):  # a forward in flight holds its own
+                    act -= (sum(vec) - 1) * costs.chunk_saved_bytes
                 for transient in phases:
                     total = act + transient
                     if total > best[0]:
@@ -225,6 +227,9 @@ def predict_stage_memory(plan: Plan, cfg: Config) -> list[PipelineRankMemory]:
             sum(count * host[c] for count, c in zip(vec, chunk_list, strict=True))
             for vec in stages.inflight[p]
         )
+        if costs.on_demand and not all(layer.keeps_everything for layer in mine):
+            # the RoPE tables' host copy of every forward in flight (SharedTableRecord)
+            host_peak += costs.chunk_saved_bytes * max(sum(v) for v in stages.inflight[p])
         staging = round(costs.staging_bytes_per_param * psi)
         host_states = round(
             costs.host_state_bytes_per_param * psi + costs.host_state_constant_bytes
@@ -293,6 +298,8 @@ def backward_instants(
     start = constant - costs.last.saved_bytes + costs.boundary_bytes
     start += costs.chunk_saved_bytes * FP32_BYTES / dtype_bytes(costs.dtype)
     moments = [("forward before layers", start, 0.0, root * costs.gather_copy_factor)]
+    if tables_on_host(costs, layers):  # after the forward no device copy of them is left
+        acts -= costs.chunk_saved_bytes
     # FSDP2 reduce-scatters the output's gradients after the loss's backward (before that
     # they are the loss's fp32 accumulator); elsewhere they are written into param.grad
     loss_grads = 0.0 if costs.fsdp2_units else grads
@@ -330,6 +337,13 @@ def backward_instants(
     embedding_grads = grads + (0.0 if tied_grads else per_param * embedding)
     moments.append(("backward outside layers", acts, embedding_grads, last_grad))
     return moments
+
+
+def tables_on_host(costs: LayoutCosts, layers: list[LayerPlan]) -> bool:
+    """Whether the RoPE tables leave the device after each forward: fetching on demand,
+    every layer's engine keeps them in one host copy (offload/records.py
+    SharedTableRecord); a layer that keeps everything runs plain and holds them."""
+    return costs.on_demand and all(not layer.keeps_everything for layer in layers)
 
 
 def predict_host_bytes_per_node(plan: Plan, cfg: Config, ranks: list[PipelineRankMemory]) -> int:

@@ -415,9 +415,12 @@ def _dtype(plan: Plan) -> torch.dtype:
 
 
 def host_slabs(runtime: Any) -> list[torch.Tensor]:
-    """The offload pool's host slabs (all free between steps)."""
-    pool = getattr(runtime.activation_runtime, "pool", None)
-    return [slab.buffer for slab in getattr(pool, "_free", [])] if pool is not None else []
+    """The offload pool's host slabs: all free between steps, but those of the shared RoPE
+    tables' host copies (fetching on demand), which the last forward's copies still hold."""
+    activations = runtime.activation_runtime
+    pool = getattr(activations, "pool", None)
+    free = [slab.buffer for slab in getattr(pool, "_free", [])] if pool is not None else []
+    return free + activations.table_buffers()
 
 
 def _predicted_breakdown(plan: Plan) -> dict[str, int]:

@@ -324,6 +324,26 @@ def test_fetching_on_demand_brings_back_each_storage_when_it_is_unpacked(small_c
     assert {own for _, own, _ in records} == {0, 1, 2}
 
 
+def test_fetching_on_demand_leaves_no_device_copy_of_the_rope_tables(small_cfg):
+    """The tables every layer saves go to one host copy per forward; after the forward
+    nothing keeps the device tables alive, and the next step reuses the copy's slab."""
+    model = materialize(build_model(small_cfg), "cpu", 0)
+    policies = [
+        LayerPlan(i, 0, 0.75 if i == 1 else 1.0, "none", 0.25 * (i == 1), 1.0) for i in range(3)
+    ]
+    policies[2] = LayerPlan(2, 0, 0.0, "full", 0.0, 1.0)
+    runtime = apply_activation_plan(model.layers.values(), policies, fetch="on_demand")
+    inputs, targets = _batch(small_cfg)
+    for step in range(2):
+        loss = chunked_cross_entropy(model(inputs), model.output_weight(), targets, 32)
+        tables = [ref() for ref, _ in runtime._tables.values()]
+        assert len(tables) == 2 and tables == [None, None], step  # cos and sin: gone
+        if step == 0:
+            allocations = runtime.pool.allocations
+        loss.backward()
+    assert runtime.pool.allocations == allocations
+
+
 def test_an_unknown_fetch_mode_is_refused():
     with pytest.raises(ValueError, match="on_demand"):
         ActivationRuntime(fetch="later")
