@@ -7,7 +7,9 @@ plan never loses to one of them (planner/make.py step 4).
     offload     every saved tensor of every layer on the host, a layer's host data fetched
                 whole when its backward starts and the next layer's meanwhile (MEMO)
     save_on_cpu every saved tensor of every layer on the host, each fetched when autograd
-                unpacks it (torch's save_on_cpu; layout.activation_fetch = "on_demand")
+                unpacks it (torch's save_on_cpu; layout.activation_fetch = "on_demand"),
+                and the same with the least share of every tensor's tokens on the host
+                that fits (least_on_demand_offload: fewer copies to wait for)
 
 The first four are points of the MILP's search space, but the MILP bounds some instants of
 a step (planner/milp.py) where planner/memory.py evaluates them exactly, so near the memory
@@ -58,11 +60,16 @@ class Baseline:
         )
 
 
-def baseline_layers(name: str, layout: Layout, num_layers: int) -> list[LayerPlan]:
-    """Every layer with policy `name`, the layers split evenly over the pipeline stages."""
+def baseline_layers(
+    name: str, layout: Layout, num_layers: int, offload: float | None = None
+) -> list[LayerPlan]:
+    """Every layer with policy `name`, the layers split evenly over the pipeline stages
+    (offload: the share of every saved tensor's tokens on the host, default all of them for
+    the offloading baselines)."""
     stages = layout.num_stages
     mode = {"selective": "selective", "full": "full"}.get(name, "none")
-    offload = 1.0 if name in OFFLOADING else 0.0
+    if offload is None:
+        offload = 1.0 if name in OFFLOADING else 0.0
     return [
         LayerPlan(
             index=i,
@@ -102,3 +109,33 @@ def fitting_baselines(
             found = Baseline(name, build_plan(cfg, runs_on, layers, solver))
             if found.fits:
                 yield found
+                if name == "save_on_cpu":
+                    less = least_on_demand_offload(cfg, runs_on, solver)
+                    if less is not None:
+                        yield less
+
+
+OFFLOAD_STEPS = 32
+"""Resolution of least_on_demand_offload's search over the offloaded share (1/32)."""
+
+
+def least_on_demand_offload(cfg: Config, layout: Layout, solver: SolverInfo) -> Baseline | None:
+    """save_on_cpu's policy with the smallest share of every saved tensor's tokens on the
+    host that still fits (a multiple of 1/OFFLOAD_STEPS, found by bisection: a layer's peak
+    falls as more of its tokens leave the device), None when only all of them fit. Fetched
+    on demand, backward waits for every copy, so the less offloaded the faster."""
+    num_layers = cfg.model.num_layers
+
+    def plan_at(step: int) -> Baseline:
+        layers = baseline_layers("save_on_cpu", layout, num_layers, step / OFFLOAD_STEPS)
+        return Baseline("save_on_cpu (part)", build_plan(cfg, layout, layers, solver))
+
+    low, high, best = 0, OFFLOAD_STEPS, None  # all fits; find the least step that does
+    while high - low > 1:
+        middle = (low + high) // 2
+        found = plan_at(middle)
+        if found.fits:
+            high, best = middle, found
+        else:
+            low = middle
+    return best

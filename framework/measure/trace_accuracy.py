@@ -34,6 +34,7 @@ TRACE_POLICIES = {
     "save_on_cpu": [(1.0, "none", 0.0, 1.0)],
     "on_demand_half": [(0.5, "none", 0.25, 0.5)],
     "on_demand_selective": [(0.5, "selective", 0.25, 0.5)],
+    "on_demand_most": [(0.75, "none", 0.0, 0.75)],  # planner/baselines.py's partial share
     "on_demand_mix": [
         (1.0, "none", 0.0, 1.0),
         (0.5, "selective", 0.0, 0.5),
@@ -41,7 +42,13 @@ TRACE_POLICIES = {
         (0.0, "none", 0.0, 0.0),
     ],
 }
-ON_DEMAND = ("save_on_cpu", "on_demand_half", "on_demand_selective", "on_demand_mix")
+ON_DEMAND = (
+    "save_on_cpu",
+    "on_demand_half",
+    "on_demand_selective",
+    "on_demand_most",
+    "on_demand_mix",
+)
 """The policies whose layout fetches offloaded activations on demand."""
 PEAK_BELOW, PEAK_ABOVE, PHASE_TOLERANCE = 0.01, 0.03, 0.05
 """Issue 12's targets: every peak within -1% / +3% of traced, every phase within +-5%."""
@@ -115,6 +122,9 @@ TRACE_CASES = [
     _case("7B 3 layers 4K dp8 ZeRO-2", ["model=llama2_7b", "model.num_layers=3", *DP8,
                                         "train.seq_len=4096", "planner.zero_stages=[2]"],
           "save_on_cpu"),
+    _case("7B 3 layers 4K dp8 ZeRO-2", ["model=llama2_7b", "model.num_layers=3", *DP8,
+                                        "train.seq_len=4096", "planner.zero_stages=[2]"],
+          "on_demand_most"),
     _case("8B 8K dp8, 4 micro-batches", [*W8B, "cluster=h100_8x", "train.seq_len=8192",
                                          "train.global_batch_size=32",
                                          "planner.max_micro_batch_size=1"], "save_on_cpu"),

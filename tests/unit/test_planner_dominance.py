@@ -83,13 +83,16 @@ def test_the_plan_is_never_slower_than_a_simple_policy_that_fits(case, gpu_gib):
 
 
 def test_where_only_fetching_on_demand_fits_the_plan_is_save_on_cpus_policy():
-    """At 4 GiB per GPU, 4 layers of llama2_7b at 32K fit only with every saved tensor on
-    the host fetched when autograd unpacks it (fetching one layer ahead needs a whole layer
-    and the next one back at once): the plan is that policy, on demand."""
+    """At 4 GiB per GPU, 4 layers of llama2_7b at 32K fit only with the saved tensors on the
+    host fetched when autograd unpacks them (fetching one layer ahead needs a whole layer and
+    the next one back at once): the plan fetches on demand, with no more of every tensor on
+    the host than fits (fewer copies to wait for), so it is faster than save_on_cpu."""
     cfg = compose_config([*CASES["8 GPUs, 7B (4 layers) at 32K"], "cluster.gpu_memory_gib=4"])
-    names = {name for name, _ in fitting_hand_set_plans(cfg)}
-    assert names == {"save_on_cpu"}
+    simple = dict(fitting_hand_set_plans(cfg))
+    assert set(simple) == {"save_on_cpu"}
     plan = make_plan(cfg, explain=False)
     assert plan.layout.activation_fetch == "on_demand"
-    assert all(layer.offload_fraction == 1.0 for layer in plan.layers)
+    shares = {layer.offload_fraction for layer in plan.layers}
+    assert len(shares) == 1 and 0.5 < shares.pop() < 1.0
     assert plan.memory.gpu_peak_bytes <= plan.memory.gpu_budget_bytes
+    assert plan.time.step_seconds < simple["save_on_cpu"].time.step_seconds
