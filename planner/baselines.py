@@ -29,8 +29,9 @@ from dataclasses import dataclass
 
 from configs.schema import Config
 from planner.assemble import build_plan
-from planner.costs import LayoutCosts
+from planner.costs import LayoutCosts, offload_enabled
 from planner.plan import LayerPlan, Layout, Plan, SolverInfo
+from planner.search import Candidate, layout_candidates
 
 BASELINES = ("keep", "selective", "full", "offload", "save_on_cpu")
 """The simple policies, in the order they are tried."""
@@ -139,3 +140,33 @@ def least_on_demand_offload(cfg: Config, layout: Layout, solver: SolverInfo) -> 
         else:
             low = middle
     return best
+
+
+ON_DEMAND_TRIES = 64
+"""Layouts (lowest on-demand memory bound first) on_demand_use evaluates at most."""
+
+
+def on_demand_use(cfg: Config) -> tuple[float | None, bool]:
+    """(the least per-GPU peak of save_on_cpu's policy, whether it fits cfg's budgets on some
+    layout), evaluating it on the layouts whose memory bounds fetching on demand are lowest
+    (at most ON_DEMAND_TRIES, until one fits): what the MILP, which models prefetching only,
+    cannot tell planner/explain.py. (None, False) where activation offload is off."""
+    if not offload_enabled(cfg.cluster, cfg.planner):
+        return None, False
+    twins = [
+        Candidate.of(cfg, baseline_layout("save_on_cpu", cand.layout))
+        for cand in layout_candidates(cfg)
+    ]
+    twins.sort(key=lambda twin: twin.memory_bound)
+    least: float | None = None
+    solver = SolverInfo("evaluated", "baseline", 0.0, 0)
+    for twin in twins[:ON_DEMAND_TRIES]:
+        if least is not None and twin.memory_bound > twin.costs.budget_bytes:
+            break  # no later layout can fit; the least peak is among those evaluated
+        layers = baseline_layers("save_on_cpu", twin.layout, cfg.model.num_layers)
+        found = Baseline("save_on_cpu", build_plan(cfg, twin.layout, layers, solver))
+        peak = found.plan.memory.gpu_peak_bytes
+        least = peak if least is None else min(least, peak)
+        if found.fits:
+            return least, True
+    return least, False

@@ -1,7 +1,9 @@
 """Why no plan fits, and the smallest change that makes one fit (NoFeasiblePlan's message).
 
 The binding constraint is found by solving the MILP of the most promising layouts with the
-budget in question dropped and its use minimised instead ("needs X GiB per GPU at best").
+budget in question dropped and its use minimised instead ("needs X GiB per GPU at best"),
+and, for the GPU, by evaluating save_on_cpu's policy fetched on demand, which the MILP does
+not model (planner/baselines.py on_demand_use).
 The suggested changes are verified by re-running a feasibility search on the changed config:
 model states in host RAM (when the search did not consider them), more GPUs (doubling
 cluster.num_nodes; for a command that runs on one node only, such as memplan train, doubling
@@ -18,6 +20,7 @@ import time
 
 from configs.errors import ConfigError
 from configs.schema import Config
+from planner.baselines import on_demand_use
 from planner.layouts import state_offload_enabled
 from planner.search import SearchOutcome, layout_candidates, minimum_use, probe
 from planner.units import GIB
@@ -35,7 +38,8 @@ def _feasible(cfg: Config, deadline: float) -> bool:
     if left <= 0:
         return False
     try:
-        return probe(cfg, left).best is not None
+        # the probe solves MILPs, which model prefetching; fetching on demand is evaluated
+        return probe(cfg, left).best is not None or on_demand_use(cfg)[1]
     except ConfigError:  # a changed config may have no executable layout at all
         return False
 
@@ -104,6 +108,9 @@ def explain_infeasible(cfg: Config, outcome: SearchOutcome, single_node: bool = 
     gpu_need = minimum_use(cfg, "gpu", deadline - time.perf_counter())
     if gpu_need is None:  # no minimal-memory solve finished: fall back to the bound
         gpu_need = min(c.memory_bound for c in candidates)
+    on_demand_need, _ = on_demand_use(cfg)  # save_on_cpu's policy can need less
+    if on_demand_need is not None:
+        gpu_need = min(gpu_need, on_demand_need)
     suggestions = []
     if gpu_need > budget:
         head = (

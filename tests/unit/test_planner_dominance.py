@@ -9,16 +9,20 @@ them fits, the planner finds a plan (so its longest trainable sequence is at lea
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 
 from launch.compose import compose_config
 from planner.assemble import build_plan
+from planner.baselines import on_demand_use
 from planner.costs import costs_for
 from planner.errors import NoFeasiblePlan
+from planner.explain import _feasible
 from planner.layouts import enumerate_layouts
 from planner.make import make_plan
 from planner.plan import LayerPlan, SolverInfo
+from planner.search import probe
 
 SOLVER = SolverInfo("test", "optimal", 0.0, 0, 0, 0.0)
 
@@ -96,3 +100,18 @@ def test_where_only_fetching_on_demand_fits_the_plan_is_save_on_cpus_policy():
     assert len(shares) == 1 and 0.5 < shares.pop() < 1.0
     assert plan.memory.gpu_peak_bytes <= plan.memory.gpu_budget_bytes
     assert plan.time.step_seconds < simple["save_on_cpu"].time.step_seconds
+
+
+def test_the_explainer_knows_what_fetching_on_demand_fits():
+    """The MILP models prefetching only; the explainer's feasibility checks and its "needs
+    X GiB" also evaluate save_on_cpu's policy fetched on demand (planner/baselines.py)."""
+    cfg = compose_config([*CASES["8 GPUs, 7B (4 layers) at 32K"], "cluster.gpu_memory_gib=4"])
+    assert probe(cfg, 5.0).best is None  # no prefetching plan fits
+    least, fits = on_demand_use(cfg)
+    assert fits and least <= compose_budget(cfg)
+    assert _feasible(cfg, time.perf_counter() + 10.0)
+
+
+def compose_budget(cfg) -> int:
+    layout = enumerate_layouts(cfg.model, cfg.cluster, cfg.train, cfg.planner)[0]
+    return costs_for(cfg, layout).budget_bytes
