@@ -255,6 +255,9 @@ class LayoutCosts:
     mlp_workspace_bytes: float
     """The SwiGLU-backward instant of a layer's backward (layer_workspace_bytes)."""
     end_workspace_bytes: float
+    norm2_workspace_bytes: float
+    """The MLP norm's backward instant, after the MLP's: the norm's temporaries as at the
+    layer's last instant, beside the MLP's weight gradients (FSDP2: unsharded)."""
     """The attention-norm-backward instant, the layer's last (layer_workspace_bytes)."""
     input_bytes: float
     """One layer's input [T, H]: what is left of its activations at its last instant."""
@@ -265,6 +268,8 @@ class LayoutCosts:
     attention_output_bytes: float
     """o [T, heads / tp x head_dim]: the attention core's output, with the layer input x
     the post-attention region's inputs (anchors)."""
+    arriving_norm2_grads_bytes: float
+    """Outside FSDP2, the MLP's gradients (of the states) at the MLP norm's backward."""
     arriving_grads_bytes: tuple[float, float]
     """Outside FSDP2, the gradients (of the states) one layer's backward has produced at its
     SwiGLU-backward instant (w2's) and at its last instant (all), where a step's gradients
@@ -399,6 +404,31 @@ class LayoutCosts:
         a tied output's held gradient. Recomputed / prefetched activations are added by
         the callers (they depend on the plan)."""
         return self.mlp_workspace_bytes + self._previous_unit_bytes(first_in_backward)
+
+    def layer_norm2_bytes(self, first_in_backward: bool) -> float:
+        """Working set at the MLP norm's backward instant (after the MLP's backward), beyond
+        the states, the activations still saved and the gradients of the layers before it.
+        Under tensor parallelism the MLP's tensors shrink with tp but the norms' [T, H]
+        temporaries do not, so this instant can hold the layer's peak (traced at tp4)."""
+        return self.norm2_workspace_bytes + self._previous_unit_bytes(first_in_backward)
+
+    def mlp_saved_bytes(self, mode: str) -> float:
+        """The MLP's saved tensors of one layer in `mode` that stay saved (kept, offloaded or
+        recomputed token-wise): h2, a, b, p; under selective recomputation a and b (h2 and p
+        are recipes). Full recomputation keeps none of them."""
+        if mode == "full":
+            return 0.0
+        if mode == "selective":
+            return self.swiglu_saved_bytes * 2 / 3
+        return self.swiglu_saved_bytes + self.boundary_bytes
+
+    def mlp_present_bytes(self, mode: str) -> float:
+        """Of one layer's MLP tensors, those on the device at its SwiGLU-backward instant
+        (kept, fetched ahead or recomputed), all freed by its MLP norm's backward: h2, a, b,
+        p (selective: a, b and the regenerated p; h2 follows later)."""
+        if mode == "selective":
+            return self.swiglu_saved_bytes
+        return self.swiglu_saved_bytes + self.boundary_bytes
 
     def layer_end_bytes(self, first_in_backward: bool) -> float:
         """Working set at the last instant of one layer's backward, when all its weight
@@ -972,6 +1002,8 @@ def layout_costs(
     arriving = (grads_per_param * hidden * ffn, grads_per_param * psi)
     own_grads = (a * hidden * ffn, a * psi) if fsdp2 else (0.0, 0.0)
     mlp_workspace, end_workspace = layer_workspace_bytes(rank.tokens, hidden, ffn, a, own_grads)
+    mlp_grads = 3 * hidden * ffn  # w1, w2, w3
+    norm2_workspace = end_workspace - own_grads[1] + (a * mlp_grads if fsdp2 else 0.0)
     tied_root = fsdp2 and model.tie_embeddings and layout.pp == 1
     pinned = cluster.device == "cuda"  # host buffers beside a GPU are pinned
     host_per_param, host_constant, rounding = _host_state_coefficients(
@@ -1027,6 +1059,8 @@ def layout_costs(
         p2p_seconds=rank.hidden_bytes / links.pp + links.latency if layout.pp > 1 else 0.0,
         mlp_workspace_bytes=mlp_workspace,
         end_workspace_bytes=end_workspace,
+        norm2_workspace_bytes=norm2_workspace,
+        arriving_norm2_grads_bytes=0.0 if fsdp2 else grads_per_param * mlp_grads,
         input_bytes=rank.hidden_bytes,
         swiglu_saved_bytes=3 * rank.tokens * ffn * a,
         attention_output_bytes=rank.tokens * rank.q * a,

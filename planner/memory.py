@@ -319,6 +319,12 @@ def backward_instants(
         working = costs.layer_backward_bytes(first) + rematerialised[position] + gathered
         phase = f"backward layer {layer.index}"
         moments.append((phase, acts, grads + arriving_mlp, working - unfetched))
+        # the MLP norm's backward: the MLP's tensors freed (kept, fetched or recomputed)
+        kept_mlp, back_mlp = mlp_freed_bytes(costs, layer)
+        norm2 = costs.layer_norm2_bytes(first) + rematerialised[position] - back_mlp
+        norm2 += gathered - unfetched
+        arriving_norm2 = costs.arriving_norm2_grads_bytes
+        moments.append((phase, acts - kept_mlp, grads + arriving_norm2, norm2))
         acts -= per_layer[layer.index].device_bytes
         end = costs.layer_end_bytes(first) + gathered - unfetched
         end += ahead[position] if ahead else 0.0
@@ -337,6 +343,27 @@ def backward_instants(
     embedding_grads = grads + (0.0 if tied_grads else per_param * embedding)
     moments.append(("backward outside layers", acts, embedding_grads, last_grad))
     return moments
+
+
+def mlp_freed_bytes(costs: LayoutCosts, layer: LayerPlan) -> tuple[float, float]:
+    """Of one layer's MLP tensors at its SwiGLU-backward instant, (the kept ones, the ones
+    back on the device: fetched or recomputed), all freed by its MLP norm's backward; net of
+    the MLP norm's own saved input, which fetching on demand brings back for it."""
+    seq = costs.seq_local
+    mode = layer.recompute
+    offloaded, recomputed = token_split(seq, layer.offload_fraction, layer.recompute_fraction)
+    kept_tokens = seq if mode == "full" else seq - offloaded - recomputed
+    kept = costs.mlp_saved_bytes(mode) * kept_tokens / seq
+    if not costs.on_demand or mode == "full":
+        return kept, costs.mlp_present_bytes(mode) - kept
+    # fetched on demand (back_on_device_bytes): a, b (and p) fetched, every MLP tensor's
+    # recomputed tokens regenerated; the norm's input x2 and rstd2 now fetched too
+    swiglu = costs.swiglu_saved_bytes * (2 / 3 if mode == "selective" else 1.0)
+    back = swiglu * offloaded / seq + costs.mlp_saved_bytes(mode) * recomputed / seq
+    if mode == "selective":  # the regenerated product p, all tokens
+        back += costs.swiglu_saved_bytes / 3
+    back -= (costs.boundary_bytes + costs.tokens * FP32_BYTES) * offloaded / seq
+    return kept, back
 
 
 def tables_on_host(costs: LayoutCosts, layers: list[LayerPlan]) -> bool:

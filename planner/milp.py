@@ -409,6 +409,8 @@ class LayoutMilp:
         #                   + T_mlp inner, if w_b
         #   last of b       live(b+1) - layer grads + present_m + dup_b + arriving
         #                   + T_mlp inner, if v_b
+        #   MLP norm, first / last of b: the same with the MLP's tensors freed (present_m
+        #                   - mlp_present_m) and T_norm2, when it can exceed the SwiGLU rows
         #   end, first of b live(b) - K_b/L + arriving + T_end(u_b), if v_b
         #   end, last of b  live(b+1) - layer grads + gathered layer + arriving + T_end, if v_b
         #   embedding       live(3) + its gradients (+ FSDP2's unsharded copy and fp32 input)
@@ -440,6 +442,14 @@ class LayoutMilp:
         last_saved = costs.last.saved_bytes / UNIT  # freed by the final norm's backward
         prefetch = self.prefetch_gib[p]
         end_excess = max(t_end.values()) + arriving_end - min(t_mlp.values()) - arriving_mlp
+        # the MLP norm's backward: the MLP's tensors freed, the norm's temporaries (traced:
+        # the layer's peak under tensor parallelism, where the MLP shrinks with tp)
+        t_norm2 = {first: costs.layer_norm2_bytes(first) / UNIT for first in (True, False)}
+        arriving_norm2 = costs.arriving_norm2_grads_bytes / UNIT
+        least_mlp = min(costs.mlp_present_bytes(m) for m in RECOMPUTE_MODES) / UNIT
+        norm2_excess = (
+            max(t_norm2.values()) + arriving_norm2 - min(t_mlp.values()) - arriving_mlp - least_mlp
+        )
         for b, m in enumerate(backward):
             ran_layers = pulp.lpSum(n[0][r] for r in backward[:b])
             live = base + pulp.lpSum(kept[w] for w in backward[b:]) + layer_grads * ran_layers
@@ -452,10 +462,12 @@ class LayoutMilp:
             present = self._group_indicator(f"v_{p}_{b}", n[0][m], 1)
             if b == 0:
                 t_first, t_end_first = 0.0 + t_mlp[True], 0.0 + t_end[True]
+                t_norm2_first = 0.0 + t_norm2[True]
             else:
                 ran_any = self._group_indicator(f"u_{p}_{b}", ran_layers, 1)
                 t_first = t_mlp[True] + (t_mlp[False] - t_mlp[True]) * ran_any
                 t_end_first = t_end[True] + (t_end[False] - t_end[True]) * ran_any
+                t_norm2_first = t_norm2[True] + (t_norm2[False] - t_norm2[True]) * ran_any
             mlp = arriving_mlp + dup + prefetch
             first = live - one_layer + present_m * present + mlp + t_first
             self._add_gpu_row(first, f"{name}_first_layer", budget)
@@ -467,6 +479,15 @@ class LayoutMilp:
             two = self._group_indicator(f"w_{p}_{b}", n[0][m], 2)
             second = live - 2 * one_layer + layer_grads + present_m + mlp + t_mlp[False]
             self._add_gpu_row(second - relax * (1 - two), f"{name}_second_layer", budget)
+            if norm2_excess > 0:  # the MLP norms' backward can exceed the SwiGLU instants
+                present_norm2 = present_m - costs.mlp_present_bytes(m) / UNIT
+                rest = dup + prefetch + arriving_norm2
+                relax_norm2 = relax + norm2_excess + 1e-3
+                norm2_first = live - one_layer + present_norm2 * present + rest + t_norm2_first
+                self._add_gpu_row(norm2_first, f"{name}_mlp_norm_of_first_layer", budget)
+                norm2_last = after - layer_grads + present_norm2 + rest + t_norm2[False]
+                norm2_last -= relax_norm2 * (1 - present)
+                self._add_gpu_row(norm2_last, f"{name}_mlp_norm_of_last_layer", budget)
             if end_excess > 0:  # the ends can exceed the SwiGLU instants
                 relax_end = end_excess + layer_grads + gathered + 1e-3
                 # the next layer's prefetch is still there at a layer's last instant

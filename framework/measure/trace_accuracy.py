@@ -144,9 +144,20 @@ TRACE_CASES = [
                                      "planner.pp=2", "planner.pp_schedules=[zbv_zero_bubble]"]),
     _case("1B 4K tp2", [*W1B, "cluster=h100_8x", "cluster.gpus_per_node=2",
                         "train.seq_len=4096", "train.global_batch_size=1", "planner.tp=2"]),
+    _case("8B 32K tp2 dp4", [*W8B, *DP8, "train.seq_len=32768", "planner.tp=2"], "none"),
+    _case("8B 32K tp2 dp4", [*W8B, *DP8, "train.seq_len=32768", "planner.tp=2"], "selective"),
+    _case("8B 32K tp2 dp4", [*W8B, *DP8, "train.seq_len=32768", "planner.tp=2"], "full"),
+    _case("8B 32K tp2 dp4", [*W8B, *DP8, "train.seq_len=32768", "planner.tp=2"], "mix"),
+    _case("8B 32K tp2 dp4", [*W8B, *DP8, "train.seq_len=32768", "planner.tp=2"],
+          "save_on_cpu"),
+    _case("7B 8K tp4 dp2 ZeRO-2", [*W7B, *DP8, "train.seq_len=8192", "planner.tp=4",
+                                   "planner.zero_stages=[2]"]),
+    _case("1B 8K tp2 sp2", [*W1B, "cluster=h100_8x", "cluster.gpus_per_node=4",
+                            "train.seq_len=8192", "train.global_batch_size=1",
+                            "planner.tp=2", "planner.sp=2"]),
 ]  # fmt: skip
-"""The bench's configurations (real widths, 2-4 layers); the last three are layouts the
-tracer cannot run (framework/measure/trace.py), reported as such."""
+"""The bench's configurations (real widths, 2-4 layers); the two pipeline layouts are ones
+the tracer cannot run (framework/measure/trace.py), reported as such."""
 
 
 def with_policy(plan: Plan, cfg: Config, policy: str) -> Plan:

@@ -25,6 +25,9 @@ FAST = {
     # fetched on demand: the SwiGLU's tensors only (8B), the layer's end as the peak (7B)
     ("8B 4 layers 32K dp8", "on_demand_mix"),
     ("7B 3 layers 4K dp8 ZeRO-2", "save_on_cpu"),
+    # tensor parallel over FSDP2: the MLP norm's backward is the layer's peak at tp4
+    ("7B 8K tp4 dp2 ZeRO-2", "planner"),
+    ("8B 32K tp2 dp4", "mix"),
 }
 CASES = [case for case in TRACE_CASES if (case.name, case.policy) in FAST]
 
@@ -40,6 +43,6 @@ def test_predicted_peak_and_phases_match_the_trace(case, one_torch_thread):
 
 
 def test_layouts_the_tracer_cannot_run_are_named():
-    case = next(case for case in TRACE_CASES if case.name == "1B 4K tp2")
+    case = next(case for case in TRACE_CASES if case.name == "1B 4 layers 4K pp2 1F1B")
     row = run_trace_case(case, compose_config(list(case.overrides)))
-    assert "tensor parallel" in row["untraced"] or "tp" in row["untraced"], row
+    assert "pipeline" in row["untraced"] and "pp=2" in row["untraced"], row
