@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
@@ -199,10 +200,12 @@ class EmbeddingGroup:
         self.group = None
         if last_pp_rank != 0:
             # Every rank creates every pair's group, in the same order (new_group is collective).
-            ranks = mesh.world.mesh  # [pp, dp, sp, tp] global ranks
+            # [pp, dp, sp, tp] global ranks as plain ints, read on the real rank tensor
+            # (framework/measure/trace.py builds the runtime under a fake mode)
+            with unset_fake_temporarily():
+                ranks = mesh.world.mesh.reshape(mesh.world.mesh.shape[0], -1).tolist()
             me = dist.get_rank()
-            for index in range(ranks[0].numel()):
-                pair = [int(ranks[0].flatten()[index]), int(ranks[last_pp_rank].flatten()[index])]
+            for pair in ([a, b] for a, b in zip(ranks[0], ranks[last_pp_rank], strict=True)):
                 group = dist.new_group(pair)
                 if me in pair:
                     self.group = group

@@ -40,9 +40,15 @@ What differs from the real runtime (all of it here):
   tp meshes (DeviceMesh._concatenate), which computes this rank's coordinates with
   aten.nonzero, a data-dependent shape fake tensors cannot know; while tracing it runs
   outside the fake mode on the meshes' real rank maps (fake_mesh_concatenation).
-- layouts not traced: pipeline (pp > 1: the schedules' send/recv of
-  torch.distributed.pipelining and shape inference are not run on the fake group here) and
-  DeepSpeed (its engine initialises real buffers and communicators).
+- pipeline layouts (one stage per rank): every pp rank is traced (the fake group's rank set
+  to it). The schedules' point-to-point transfers run on the fake group, which moves no data
+  (a received activation is a fake tensor of the right shape, as it is here anyway); the
+  p2p warm-up vote of torch's schedules (torch >= 2.13) reads its result with .item(), so
+  while tracing the stages are set to the static shapes they are built with instead
+  (static_pipeline_shapes).
+- layouts not traced: pipelines with more than one stage per rank (interleaved, ZBV:
+  FSDPMemTracker tracks one root module) and DeepSpeed (its engine initialises real buffers
+  and communicators).
 """
 
 from __future__ import annotations
@@ -127,10 +133,10 @@ class UntracedLayout(ValueError):
 def untraced_reason(plan: Plan) -> str | None:
     """Why this plan's layout cannot be traced here (None: it can)."""
     layout = plan.layout
-    if layout.pp > 1:
+    if layout.pp > 1 and layout.virtual_stages > 1:
         return (
-            f"pipeline layout (pp={layout.pp}) not traced: torch.distributed.pipelining's "
-            "schedules and point-to-point transfers are not run under fake tensors here"
+            f"pipeline layout with {layout.virtual_stages} stages per rank not traced: "
+            "FSDPMemTracker tracks one root module, and each stage is one"
         )
     if layout.zero_backend == "deepspeed":
         return (
@@ -236,14 +242,38 @@ def fake_mesh_concatenation() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def fake_process_group(world_size: int) -> Iterator[None]:
-    """The default group as torch's fake backend (rank 0 of world_size) unless one exists."""
+def static_pipeline_shapes() -> Iterator[None]:
+    """torch's pipeline schedules without their p2p warm-up vote (module doc): every stage in
+    static-shape mode, as parallel/pipeline.py builds them (torch < 2.13 has no vote)."""
+    from torch.distributed.pipelining import schedules
+
+    schedule = schedules._PipelineSchedule
+    original = schedule.__dict__.get("_warmup_p2p")
+    if original is None:
+        yield
+        return
+    from torch.distributed.pipelining._utils import InferenceMode
+
+    def warmup(self: Any, stages: list[Any], has_backward: bool, p2p_done: bool) -> None:
+        for stage in stages:
+            stage._inference_mode = InferenceMode.STATIC
+
+    schedule._warmup_p2p = warmup
+    try:
+        yield
+    finally:
+        schedule._warmup_p2p = original
+
+
+@contextlib.contextmanager
+def fake_process_group(world_size: int, rank: int = 0) -> Iterator[None]:
+    """The default group as torch's fake backend (`rank` of world_size) unless one exists."""
     if dist.is_initialized():
         yield
         return
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         yield
     finally:
@@ -451,8 +481,10 @@ def trace_plan(
     plan: Plan,
     fake: bool = True,
     predicted_phases: dict[str, int] | None = None,
+    pp_rank: int = 0,
 ) -> TraceReport:
-    """One traced step (the second) of the plan's runtime on rank 0 (see the module doc).
+    """One traced step (the second) of the plan's runtime on the first rank of pipeline rank
+    `pp_rank` (see the module doc).
 
     fake=False runs the same steps on real CPU tensors with the same trackers, which is what
     the tests check the fake trace against (feasible only at small widths).
@@ -470,7 +502,9 @@ def trace_plan(
     dtype = _dtype(plan)
     local = layout.world_size == 1 and layout.zero_stage < 2
     notes: list[str] = []
-    group = contextlib.nullcontext() if local else fake_process_group(layout.world_size)
+    # the mesh is [pp, dp, sp, tp]: pipeline rank p starts at global rank p x dp x sp x tp
+    rank = pp_rank * (layout.world_size // layout.pp)
+    group = contextlib.nullcontext() if local else fake_process_group(layout.world_size, rank)
     with group:
         mesh = dims = None
         if not local:
@@ -484,6 +518,7 @@ def trace_plan(
                 fake_materialisation(),
                 fake_storage_identity(),
                 fake_mesh_concatenation(),
+                static_pipeline_shapes(),
                 _quiet(),
             )
         )
@@ -533,7 +568,7 @@ def trace_plan(
             name = str(getattr(key, "value", key))  # the tracker's enums by their names
             peak_snapshot[name] = peak_snapshot.get(name, 0) + value
     traced_peak = peak_snapshot.get(TOTAL_KEY, 0) - host_bytes
-    rank_memory = plan.ranks[0] if plan.ranks else None
+    rank_memory = plan.ranks[pp_rank] if plan.ranks else None
     memory = plan.memory
     predicted = _predicted_breakdown(plan)
     phases = [
@@ -550,7 +585,7 @@ def trace_plan(
         runtime=type(runtime).__name__,
         tracker=type(tracker).__mro__[1].__name__,
         world_size=layout.world_size,
-        traced_rank=0,
+        traced_rank=rank,
         predicted_peak_bytes=rank_memory.peak_bytes if rank_memory else memory.gpu_peak_bytes,
         traced_peak_bytes=traced_peak,
         peak_phase=tracker.peak_phase,

@@ -13,6 +13,7 @@ every predicted phase (planner/memory.py predict_phase_peaks) with the trace.
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,8 +157,8 @@ TRACE_CASES = [
                             "train.seq_len=8192", "train.global_batch_size=1",
                             "planner.tp=2", "planner.sp=2"]),
 ]  # fmt: skip
-"""The bench's configurations (real widths, 2-4 layers); the two pipeline layouts are ones
-the tracer cannot run (framework/measure/trace.py), reported as such."""
+"""The bench's configurations (real widths, 2-4 layers); ZBV (two stages per rank) is a
+layout the tracer cannot run (framework/measure/trace.py), reported as such."""
 
 
 def with_policy(plan: Plan, cfg: Config, policy: str) -> Plan:
@@ -186,9 +187,26 @@ def run_trace_case(case: TraceCase, cfg: Config) -> dict[str, Any]:
         return {**row, "untraced": reason}
     try:
         predicted = predict_phase_peaks(plan, cfg)
-        report = trace_plan(cfg.model, cfg.train, plan, predicted_phases=predicted)
+        # every pipeline rank (each holds other stages and micro-batches in flight); the
+        # row is the rank whose prediction is furthest off
+        if lay.pp == 1:
+            reports = [trace_plan(cfg.model, cfg.train, plan, predicted_phases=predicted)]
+        else:  # one fresh process per rank: a second fake group in one process finds the
+            # first one's process-group names in DTensor's caches
+            spawn = multiprocessing.get_context("spawn")
+            with spawn.Pool(1, maxtasksperchild=1) as pool:
+                reports = pool.starmap(
+                    trace_plan,
+                    [(cfg.model, cfg.train, plan, True, predicted, p) for p in range(lay.pp)],
+                )
     except UntracedLayout as exc:
         return {**row, "untraced": str(exc)}
+    report = max(reports, key=lambda r: abs(r.predicted_peak_bytes / r.traced_peak_bytes - 1))
+    if lay.pp > 1:
+        row["ranks"] = [
+            {"pp_rank": p, "predicted": r.predicted_peak_bytes, "traced": r.traced_peak_bytes}
+            for p, r in enumerate(reports)
+        ]
     phases = {
         phase.name: (phase.predicted_peak_bytes, phase.traced_peak_bytes)
         for phase in report.phases

@@ -135,10 +135,13 @@ def test_trace_of_fsdp2_on_two_fake_ranks(tmp_path):
     assert re.search(r"rank 0: predicted peak .* traced peak [\d.]+ [KMG]iB", done.stdout)
 
 
-def test_trace_of_a_pipeline_plan_says_it_is_not_traced_in_one_line(tmp_path):
+def test_trace_of_an_interleaved_pipeline_plan_says_it_is_not_traced_in_one_line(tmp_path):
     cfg = compose_config([*BASE, "cluster.gpus_per_node=2"])
     path = tmp_path / "pp.json"
-    manual_plan(cfg, micro_batch_size=1, pp=2).write(path)
+    plan = manual_plan(
+        cfg, micro_batch_size=1, pp=2, virtual_stages=2, pp_schedule="interleaved_1f1b"
+    )
+    plan.write(path)
     out = tmp_path / "pp_trace.json"
     done = memplan(
         "profile",
@@ -150,7 +153,7 @@ def test_trace_of_a_pipeline_plan_says_it_is_not_traced_in_one_line(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     first = done.stdout.splitlines()[0]
-    assert first.startswith("memplan profile (trace): pipeline layout (pp=2) not traced")
+    assert first.startswith("memplan profile (trace): pipeline layout with 2 stages per rank")
     assert json.loads(out.read_text())["traced"] is False
 
 

@@ -4,6 +4,7 @@ the same step on real CPU tensors, and its report's fields."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 
 import pytest
 
@@ -90,14 +91,22 @@ def test_fsdp2_zero3_at_dp2_on_a_fake_group_traces_rank_0_with_half_the_paramete
     assert params * 2 == pytest.approx(one.traced_at_peak["Sharded Param"], rel=0.02)
 
 
-def test_pipeline_and_deepspeed_layouts_say_why_they_are_not_traced(cfg):
+def interleaved_plan(cfg):
+    """pp2 with two stages per rank (interleaved 1F1B): a layout the tracer cannot run."""
+    return manual_plan(
+        cfg, micro_batch_size=1, pp=2, virtual_stages=2, pp_schedule="interleaved_1f1b"
+    )
+
+
+def test_multi_stage_pipeline_and_deepspeed_layouts_say_why_they_are_not_traced(cfg):
     cfg2 = compose_config([*BASE, "cluster.gpus_per_node=2"])
-    assert "pipeline" in untraced_reason(manual_plan(cfg2, micro_batch_size=1, pp=2))
+    assert "stages per rank" in untraced_reason(interleaved_plan(cfg2))
+    assert untraced_reason(manual_plan(cfg2, micro_batch_size=1, pp=2)) is None  # 1F1B
     deepspeed = manual_plan(cfg, micro_batch_size=1, zero_backend="deepspeed", zero_stage=2)
     assert "deepspeed" in untraced_reason(deepspeed)
     assert untraced_reason(local_plan(cfg)) is None
-    with pytest.raises(UntracedLayout, match="pipeline"):
-        trace_plan(cfg2.model, cfg2.train, manual_plan(cfg2, micro_batch_size=1, pp=2))
+    with pytest.raises(UntracedLayout, match="stages per rank"):
+        trace_plan(cfg2.model, cfg2.train, interleaved_plan(cfg2))
 
 
 @pytest.mark.parametrize(("dp", "zero_stage"), [(1, 3), (2, 2)])
@@ -112,3 +121,19 @@ def test_the_fake_fsdp2_trace_agrees_with_real_cpu_tensors_on_the_fake_group(dp,
     assert fake.tracker == real.tracker == "FSDPMemTracker"
     assert relative(fake.traced_peak_bytes, real.traced_peak_bytes) < 0.01
     assert fake.traced_host_bytes == real.traced_host_bytes > 0
+
+
+def test_each_pipeline_rank_of_a_1f1b_plan_traces_its_own_stage():
+    """pp2 1F1B: the fake group's rank picks the traced pipeline rank, whose phases are its
+    own layers' (rank 0: layer 0, rank 1: layer 1). Rank 1 runs in a fresh process: a second
+    fake group in one process finds the first one's group names in DTensor's caches."""
+    cfg = compose_config([*BASE, "cluster.gpus_per_node=2", "train.global_batch_size=4"])
+    plan = manual_plan(cfg, micro_batch_size=1, pp=2)
+    first = trace_plan(cfg.model, cfg.train, plan, pp_rank=0)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        (second,) = pool.starmap(trace_plan, [(cfg.model, cfg.train, plan, True, None, 1)])
+    assert (first.traced_rank, second.traced_rank) == (0, 1)
+    assert first.traced_peak_bytes > 0 and second.traced_peak_bytes > 0
+    names = [{phase.name for phase in report.phases} for report in (first, second)]
+    assert "backward layer 0" in names[0] and "backward layer 1" not in names[0]
+    assert "backward layer 1" in names[1] and "backward layer 0" not in names[1]
